@@ -1,0 +1,126 @@
+"""Weights on disk: our safetensors checkpoints (recipe in the metadata), official .pth files, atomic writes.
+
+Loading never unpickles arbitrary objects: safetensors for our weights, ``torch.load(weights_only=True)``
+for the official ``.pth`` state dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import UvitError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "uvit-weights-1"
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path next to ``path``; on success fsync it and rename it over ``path``.
+
+    A crash leaves either the old file or the new one, never a partial file under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def clean_state_dict(sd: dict) -> dict:
+    """Strip wrapper prefixes (DDP ``module.``, torch.compile ``_orig_mod.``) and make tensors contiguous."""
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v.detach().contiguous() if isinstance(v, torch.Tensor) else v
+    return out
+
+
+def save_weights(path: str | Path, state_dict: dict, recipe_yaml: str | None = None, **meta) -> None:
+    """Write weights as safetensors, atomically, with the resolved recipe (YAML) in the metadata."""
+    metadata = {"format": FORMAT, **{k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}}
+    if recipe_yaml is not None:
+        metadata["recipe"] = recipe_yaml
+    with atomic_path(path) as tmp:
+        save_file(clean_state_dict(state_dict), str(tmp), metadata=metadata)
+
+
+def read_metadata(path: str | Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_weights(path: str | Path) -> tuple[dict, dict]:
+    """Read (state_dict, metadata) from a safetensors file or an official .pth state dict."""
+    path = Path(path)
+    if not path.exists():
+        raise UvitError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path)), read_metadata(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UvitError(f"{path} is not a readable safetensors file ({e}); it may be truncated") from None
+    return read_official_pth(path), {}
+
+
+def read_official_pth(path: str | Path) -> dict:
+    """An official U-ViT ``nnet.pth`` / ``nnet_ema.pth`` / released ``*.pth``: a plain state dict of tensors."""
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure here means "not a plain tensor state dict"
+        raise UvitError(f"{path} could not be read as a state dict with weights_only=True ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); only plain tensor state dicts are loaded") from None
+    for key in ("ema", "nnet_ema", "model", "state_dict"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            log.info("using the %r entry of %s", key, path)
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UvitError(f"{path} does not hold a state dict of tensors")
+    return clean_state_dict(sd)
+
+
+def load_into(model: torch.nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
+    """``load_state_dict(strict=True)`` with an error that lists what is missing, unexpected or misshapen."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append("shape mismatch: " + "; ".join(shapes[:3]))
+        raise UvitError(f"{source} does not fit the recipe's model: {'; '.join(parts)}. "
+                        "Check that the recipe matches the checkpoint (size, patch size, classes, conv).")
+    model.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,128 @@
+"""`uvit recipes`, `uvit info` and `uvit convert`: look at recipes and checkpoints, import official weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import UvitError
+from . import app
+from .common import SetOption, console, setup_logging
+
+
+def _param_count(recipe) -> int:
+    import torch
+
+    from ..build import build_model
+
+    with torch.device("meta"):
+        model = build_model(recipe)
+    return sum(p.numel() for p in model.parameters())
+
+
+@app.command("recipes")
+def recipes_cmd() -> None:
+    """List the shipped recipes with their model, data and parameter count.
+
+    Example: uvit recipes
+    """
+    from ..recipe import load_recipe, shipped_recipes
+
+    table = Table(title="shipped recipes (recipes/)")
+    for col in ("recipe", "model", "data", "condition", "formulation", "params", "description"):
+        table.add_column(col, overflow="fold")
+    for path in shipped_recipes():
+        r = load_recipe(path)
+        table.add_row(path.stem, r.model.size or "custom", r.data.name, r.conditioning, r.diffusion.formulation,
+                      f"{_param_count(r):,}", r.description)
+    console.print(table)
+
+
+def load_recipe_or_checkpoint(target: str, overrides: Optional[List[str]] = None):
+    """(recipe, checkpoint path or None) for a recipe YAML, a shipped recipe name, a run dir or a weights file."""
+    from ..checkpoint import read_metadata
+    from ..recipe import apply_overrides, load_recipe, recipe_from_dict
+
+    p = Path(target)
+    if p.is_dir() and (p / "recipe.yaml").exists():
+        return load_recipe(p / "recipe.yaml", overrides), p
+    if p.suffix == ".safetensors" and p.exists():
+        import yaml
+
+        meta = read_metadata(p)
+        if "recipe" not in meta:
+            raise UvitError(f"{p} carries no recipe in its metadata; pass the recipe instead")
+        raw = apply_overrides(yaml.safe_load(meta["recipe"]), overrides)
+        return recipe_from_dict(raw, source=f"{p} (embedded recipe)"), p
+    return load_recipe(target, overrides), None
+
+
+@app.command("info")
+def info_cmd(
+    target: str = typer.Argument(..., metavar="RECIPE_OR_CHECKPOINT", help="a recipe YAML, a shipped recipe name, "
+                                 "a run directory or a .safetensors checkpoint"),
+    overrides: Optional[List[str]] = SetOption,
+    show_recipe: bool = typer.Option(True, "--recipe/--no-recipe", help="print the resolved recipe"),
+) -> None:
+    """Print the resolved configuration, parameter count, token count and forward GFLOPs.
+
+    Example: uvit info recipes/imagenet256_uvit_h2.yaml
+    """
+    import torch
+
+    from ..build import build_model
+    from ..flops import forward_flops
+    from ..recipe import dump_recipe
+
+    setup_logging()
+    recipe, ckpt = load_recipe_or_checkpoint(target, overrides)
+    with torch.device("meta"):
+        model = build_model(recipe)
+    params = sum(p.numel() for p in model.parameters())
+    tokens = (recipe.model.img_size // recipe.model.patch_size) ** 2
+    flops = forward_flops(model)
+    if show_recipe:
+        console.rule(f"resolved recipe: {recipe.name}")
+        console.print(dump_recipe(recipe), highlight=False, markup=False)
+    table = Table(show_header=False, title=f"{recipe.model.size or 'custom'} · {recipe.name}")
+    table.add_row("parameters", f"{params:,}")
+    table.add_row("tokens", f"{tokens} patches + {model.extras} extra ({tokens + model.extras} in all)")
+    table.add_row("layers", f"{recipe.model.num_layers} (official depth={recipe.model.num_layers - 1})")
+    table.add_row("forward GFLOPs / image", f"{flops / 2e9:.2f} multiply-adds (paper convention); "
+                                             f"{flops / 1e9:.2f} FLOPs")
+    table.add_row("conditioning", recipe.conditioning + (" + null (guidance)" if recipe.has_null_condition else ""))
+    table.add_row("guidance w", f"{recipe.sample.cfg_scale} (official scale {recipe.sample.cfg_scale - 1:g})")
+    if ckpt is not None:
+        table.add_row("checkpoint", str(ckpt))
+    console.print(table)
+
+
+@app.command("convert")
+def convert_cmd(
+    checkpoint: Path = typer.Argument(..., help="official U-ViT .pth state dict (nnet_ema.pth or a released file)"),
+    recipe_path: str = typer.Option(..., "--recipe", "-r", help="recipe that describes the checkpoint's model"),
+    out: Path = typer.Option(..., "--out", "-o", help="output .safetensors file"),
+    overrides: Optional[List[str]] = SetOption,
+) -> None:
+    """Convert an official .pth checkpoint into a safetensors checkpoint with the recipe in its metadata.
+
+    The .pth is read with torch.load(weights_only=True) and must load into the recipe's model strictly.
+
+    Example: uvit convert imagenet256_uvit_huge.pth --recipe imagenet256_uvit_h2 --out uvit_h2.safetensors
+    """
+    from ..build import build_model
+    from ..checkpoint import load_into, read_official_pth, save_weights
+    from ..recipe import dump_recipe, load_recipe
+
+    setup_logging()
+    if out.suffix != ".safetensors":
+        raise UvitError(f"--out {out}: the output must end in .safetensors")
+    recipe = load_recipe(recipe_path, overrides)
+    sd = read_official_pth(checkpoint)
+    model = build_model(recipe)
+    load_into(model, sd, source=str(checkpoint))
+    save_weights(out, model.state_dict(), dump_recipe(recipe), source=str(checkpoint), kind="ema")
+    console.print(f"wrote {out} ({sum(v.numel() for v in sd.values()):,} parameters, strict load OK)")

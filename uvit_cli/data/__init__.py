@@ -1,0 +1,1 @@
+"""Data: image sources, preprocessing, latent shards, and the built-in digits."""
