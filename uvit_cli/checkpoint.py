@@ -124,3 +124,52 @@ def load_into(model: torch.nn.Module, state_dict: dict, source: str = "checkpoin
         raise UvitError(f"{source} does not fit the recipe's model: {'; '.join(parts)}. "
                         "Check that the recipe matches the checkpoint (size, patch size, classes, conv).")
     model.load_state_dict(state_dict, strict=True)
+
+
+# Run-directory layout shared by train (writer) and sample / fid (readers).
+RUN_RECIPE = "recipe.yaml"           # the resolved recipe, written before step 0
+RUN_EMA = "ema.safetensors"          # the latest EMA weights (refreshed at every checkpoint and at the end)
+RUN_RAW = "model.safetensors"        # the latest raw (non-EMA) weights
+
+
+def load_model(target: str | Path, recipe_path: str | None = None, overrides: list[str] | None = None,
+               weights: str = "ema"):
+    """(model in eval mode, recipe, weights path) from a run directory, one of our .safetensors files, or an
+    official .pth (which needs ``recipe_path``). ``weights`` picks "ema" or "raw" inside a run directory."""
+    import yaml
+
+    from .build import build_model
+    from .recipe import apply_overrides, load_recipe, recipe_from_dict
+
+    target = Path(target)
+    if target.is_dir():
+        if not (target / RUN_RECIPE).exists():
+            raise UvitError(f"{target} is not a run directory (no {RUN_RECIPE}); pass a run directory, a "
+                            ".safetensors checkpoint, or an official .pth with --recipe")
+        path = target / (RUN_EMA if weights == "ema" else RUN_RAW)
+        if not path.exists():
+            raise UvitError(f"{path} does not exist yet: the run has not written {weights} weights "
+                            "(they appear at its first checkpoint)")
+        recipe = load_recipe(recipe_path or target / RUN_RECIPE, overrides)
+        sd, _ = load_weights(path)
+    elif target.suffix == ".safetensors":
+        sd, meta = load_weights(target)
+        path = target
+        if recipe_path:
+            recipe = load_recipe(recipe_path, overrides)
+        elif "recipe" in meta:
+            raw = apply_overrides(yaml.safe_load(meta["recipe"]), overrides)
+            recipe = recipe_from_dict(raw, source=f"{target} (embedded recipe)")
+        else:
+            raise UvitError(f"{target} carries no recipe in its metadata; pass --recipe")
+    else:
+        if not recipe_path:
+            raise UvitError(f"{target} looks like an official checkpoint: pass --recipe RECIPE that describes "
+                            "its model (e.g. --recipe imagenet256_uvit_h2)")
+        if not target.exists():
+            raise UvitError(f"checkpoint {target} does not exist")
+        recipe = load_recipe(recipe_path, overrides)
+        sd, path = read_official_pth(target), target
+    model = build_model(recipe)
+    load_into(model, sd, source=str(path))
+    return model.eval(), recipe, path
