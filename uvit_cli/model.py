@@ -308,3 +308,24 @@ def official_kwargs(model: UViT) -> dict:
     else:
         out["num_classes"] = -1
     return out
+
+
+def kwargs_from_official(depth: int, num_classes: int = -1, conv: bool = True, skip: bool = True,
+                         clip_dim: int | None = None, num_clip_token: int = 77, use_checkpoint: bool = False,
+                         qk_scale=None, **kw) -> dict:
+    """Our constructor arguments for the official ``UViT(**config.nnet)`` arguments (name/num_classes quirks mapped).
+
+    Official ``num_classes=1001`` for ImageNet latents means 1000 classes plus the null row used for guidance;
+    ``num_classes=1000`` (ImageNet 64) has no null row. We cannot tell which from the number alone, so 1001 and any
+    odd "classes + 1" layout must be stated by the caller through a recipe; here 1001 maps to 1000 + null.
+    """
+    if qk_scale is not None:
+        raise ValueError("qk_scale other than 1/sqrt(head_dim) is not supported")
+    out = dict(num_layers=depth + 1, conv="after" if conv else "none", skip="concat_linear" if skip else "none",
+               grad_checkpoint=use_checkpoint, **kw)
+    if clip_dim is not None:
+        out.update(text_dim=clip_dim, text_tokens=num_clip_token)
+    elif num_classes > 0:
+        null = num_classes == 1001
+        out.update(num_classes=num_classes - int(null), null_class=null)
+    return out

@@ -54,7 +54,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: Literal["digits", "cifar10", "celeba64", "imagenet64", "folder", "latents"] = "digits"  # data set kind
+    name: Literal["digits", "cifar10", "celeba64", "imagenet64", "folder", "latents"] = "cifar10"  # data set kind (defaults describe the paper CIFAR10 run)
     source: str = ""                    # "hf:NAME" (Hugging Face datasets) or a local path; empty: the kind's default
     split: str = "train"                # data set split to train on
     random_flip: bool = False           # random horizontal flip (the official CIFAR10 run flips)

@@ -32,8 +32,9 @@ def recipes_cmd() -> None:
     from ..recipe import load_recipe, shipped_recipes
 
     table = Table(title="shipped recipes (recipes/)")
-    for col in ("recipe", "model", "data", "condition", "formulation", "params", "description"):
-        table.add_column(col, overflow="fold")
+    for col in ("recipe", "model", "data", "condition", "formulation", "params"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("description", overflow="fold")
     for path in shipped_recipes():
         r = load_recipe(path)
         table.add_row(path.stem, r.model.size or "custom", r.data.name, r.conditioning, r.diffusion.formulation,
