@@ -20,3 +20,49 @@ def build_model(recipe: Recipe | ModelConfig):
 
     cfg = recipe.model if isinstance(recipe, Recipe) else recipe
     return UViT(**model_kwargs(cfg))
+
+
+# The official crop of each pixel data set ("auto").
+DEFAULT_CROP = {"cifar10": "none", "celeba64": "celeba", "imagenet64": "adm_center", "folder": "adm_center"}
+
+
+def build_source(recipe: Recipe):
+    """The training data source of a recipe (see uvit_cli/data/pixels.py for the interface)."""
+    from .errors import UvitError
+
+    d, m = recipe.data, recipe.model
+    if d.name == "digits":
+        from .data.pixels import DigitsSource
+
+        return DigitsSource()
+    if d.name == "latents":
+        from .data.latents import check_latents_against_recipe, open_latents
+        from .data.pixels import LatentSource
+
+        if not d.latents:
+            raise UvitError("data.latents is empty: set it to a directory written by `uvit encode-latents`")
+        dataset = open_latents(d.latents)
+        check_latents_against_recipe(dataset, recipe)
+        return LatentSource(dataset)
+    from pathlib import Path
+
+    from .data.pixels import FolderSource, HFSource
+
+    if not d.source:
+        raise UvitError(f"data.source is empty: set it to hf:NAME (a Hugging Face data set) or a local path "
+                        f"holding the {d.name} images")
+    crop = DEFAULT_CROP.get(d.name, "none") if d.crop == "auto" else d.crop
+    if d.source.startswith("hf:") or (Path(d.source) / "dataset_info.json").exists() or \
+            (Path(d.source) / "dataset_dict.json").exists():
+        return HFSource(d.source, d.split, m.img_size, crop)
+    return FolderSource(d.source, m.img_size, crop)
+
+
+def build_stream(recipe: Recipe, source):
+    """The seeded training stream over a source (see uvit_cli/data/stream.py)."""
+    from .data.stream import TrainStream
+
+    latent = recipe.data.name == "latents"
+    return TrainStream(source, recipe.train.seed, random_flip=recipe.data.random_flip, p_uncond=recipe.train.p_uncond,
+                       latent_scale=recipe.data.scale_factor if latent else None,
+                       num_captions=getattr(source, "num_captions", 0) if recipe.model.text_dim > 0 else 0)

@@ -173,3 +173,47 @@ def load_model(target: str | Path, recipe_path: str | None = None, overrides: li
     model = build_model(recipe)
     load_into(model, sd, source=str(path))
     return model.eval(), recipe, path
+
+
+# Full training state, for exact resume: checkpoints/step-0000500.pt, written atomically, the last K kept.
+CKPT_DIR = "checkpoints"
+
+
+def state_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CKPT_DIR / f"step-{step:08d}.pt"
+
+
+def list_states(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete training-state file, newest last (temporary files are ignored)."""
+    d = Path(run_dir) / CKPT_DIR
+    out = []
+    for p in d.glob("step-*.pt") if d.is_dir() else []:
+        try:
+            out.append((int(p.stem.split("-")[1]), p))
+        except (IndexError, ValueError):
+            continue
+    return sorted(out)
+
+
+def save_state(run_dir: str | Path, step: int, state: dict, keep_last: int = 3) -> Path:
+    """Write a training state (tensors, numbers, strings only) atomically, then drop all but the last K."""
+    path = state_path(run_dir, step)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    for _, old in list_states(run_dir)[:-max(1, keep_last)]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_latest_state(run_dir: str | Path) -> tuple[dict, Path] | None:
+    """The newest readable training state; a truncated or corrupt file is skipped with a warning."""
+    for step, path in reversed(list_states(run_dir)):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or state.get("step") != step:
+                raise ValueError("step mismatch")
+            return state, path
+        except Exception as e:  # noqa: BLE001 - any unreadable file: fall back to the previous one
+            log.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one",
+                        path, type(e).__name__, str(e).splitlines()[0][:120] if str(e) else "")
+    return None

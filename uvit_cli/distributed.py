@@ -1,0 +1,92 @@
+"""torchrun / DDP helpers: one process looks like world size 1, so single- and multi-process share one path.
+
+The device comes from LOCAL_RANK (not the global rank, which breaks multi-node: DiT #79); data is sharded and
+seeded by the global rank; NCCL on GPUs, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def is_distributed() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init(device: str = "auto") -> torch.device:
+    """Start the process group when launched by torchrun and return this process's device."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    if is_distributed() and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
+                                device_id=dev if dev.type == "cuda" else None)
+        log.info("process group: %s, rank %d of %d, device %s", backend, rank(), world_size(), dev)
+    return dev
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over ranks (for logging the loss; gradients are averaged by DDP)."""
+    if world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= world_size()
+    return t
+
+
+def broadcast_object(obj):
+    """Rank 0's value of a picklable object on every rank (used for small control values only)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch_torchrun(nproc: int, args: list[str], nnodes: int = 1) -> int:
+    """Re-run this command under torchrun with ``nproc`` processes per node; returns torchrun's exit status."""
+    torchrun = shutil.which("torchrun")
+    cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"])
+    cmd += ["--nproc-per-node", str(nproc), "--nnodes", str(nnodes)]
+    if nnodes == 1:
+        cmd += ["--standalone"]
+    cmd += ["-m", "uvit_cli", *args]
+    log.info("launching: %s", " ".join(cmd))
+    return subprocess.call(cmd)

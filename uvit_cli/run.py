@@ -1,0 +1,93 @@
+"""Run directories: numbered, self-describing names, the recipe beside the results, and metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .checkpoint import RUN_RECIPE, atomic_path
+from .errors import UvitError
+from .recipe import Recipe, dump_recipe, load_recipe, recipe_to_dict
+
+METRICS = "metrics.jsonl"
+
+# Fields a resumed run may change: how long it runs, how often it logs, samples, saves and evaluates.
+RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.sample_every", "train.save_every", "train.keep_last",
+                     "train.eval_every", "data.num_workers", "data.latents", "data.source"}
+
+
+def run_name(recipe: Recipe, index: int) -> str:
+    """e.g. ``00003-digits-U-ViT-Tiny2``."""
+    size = (recipe.model.size or f"L{recipe.model.num_layers}-D{recipe.model.embed_dim}").replace("/", "")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{index:05d}-{recipe.name}-{size}")
+
+
+def new_run_dir(root: str | Path, recipe: Recipe) -> Path:
+    root = Path(root)
+    used = [int(p.name[:5]) for p in root.glob("[0-9][0-9][0-9][0-9][0-9]-*")] if root.is_dir() else []
+    return root / run_name(recipe, max(used, default=-1) + 1)
+
+
+def latest_run(root: str | Path, name: str | None = None) -> Path | None:
+    """The highest-numbered run directory under root (optionally of a recipe name) that holds a recipe."""
+    root = Path(root)
+    runs = sorted(p for p in root.glob("[0-9][0-9][0-9][0-9][0-9]-*") if (p / RUN_RECIPE).exists()) \
+        if root.is_dir() else []
+    if name is not None:
+        runs = [p for p in runs if load_recipe(p / RUN_RECIPE).name == name]
+    return runs[-1] if runs else None
+
+
+def recipe_differences(a: Recipe, b: Recipe) -> list[str]:
+    """Dotted keys whose values differ between two recipes."""
+    da, db = recipe_to_dict(a), recipe_to_dict(b)
+    out = []
+    for section in da:
+        if isinstance(da[section], dict):
+            out += [f"{section}.{k}" for k in da[section] if da[section][k] != db[section][k]]
+        elif da[section] != db[section]:
+            out.append(section)
+    return out
+
+
+def check_resume_compatible(saved: Recipe, new: Recipe, run_dir: Path) -> None:
+    bad = [k for k in recipe_differences(saved, new) if k not in RESUMABLE_CHANGES and not k.startswith(
+        ("sample.", "eval.")) and k not in ("name", "description")]
+    if bad:
+        raise UvitError(f"{run_dir} was trained with a different recipe ({', '.join(bad)} differ); resume with "
+                        "the run's own recipe (uvit train RUN_DIR/recipe.yaml --run-dir RUN_DIR) or start a new run")
+
+
+def write_recipe(run_dir: Path, recipe: Recipe) -> None:
+    with atomic_path(run_dir / RUN_RECIPE) as tmp:
+        tmp.write_text(dump_recipe(recipe))
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl; on resume, lines past the resumed step are dropped so nothing is counted twice."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
+        self.path = run_dir / METRICS
+        if resume_step is not None and self.path.exists():
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and _step_of(ln) is not None and _step_of(ln) <= resume_step]
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(ln + "\n" for ln in keep))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    p = Path(run_dir) / METRICS
+    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []

@@ -1,0 +1,278 @@
+"""The training loop: one readable function, with small top-level helpers that tests can import.
+
+Official behaviour kept: AdamW on all parameters, linear warm-up then constant (LambdaLR, so the very first step
+runs at lr 0 as officially), EMA 0.9999 updated after every step, noise-prediction MSE. Added: exact resume,
+world-size-invariant randomness (see data/stream.py), mixed precision, accumulation, clipping, atomic checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from . import distributed as dist
+from .build import build_model, build_schedule, build_source, build_stream
+from .checkpoint import RUN_EMA, RUN_RAW, load_latest_state, save_state, save_weights
+from .data.stream import StreamBatches
+from .errors import UvitError
+from .recipe import Recipe, dump_recipe
+from .run import MetricsLog, write_recipe
+
+log = logging.getLogger(__name__)
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def warmup_lambda(warmup_steps: int):
+    """Official 'customized' schedule: lr factor min(step / warmup, 1); constant after the warm-up."""
+    return lambda step: min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, rate: float) -> None:
+    """ema <- rate * ema + (1 - rate) * model, for every parameter (buffers are copied)."""
+    e = [p for p in ema.parameters()]
+    m = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(e, m, 1.0 - rate)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
+
+
+def training_loss(schedule, net, x0, y, u, noise) -> torch.Tensor:
+    """Per-sample noise-prediction MSE at the stream's time draw u and noise (mean over C, H, W)."""
+    x_t, net_t = schedule.training_inputs(x0, u, noise)
+    eps = net(x_t, net_t, y)
+    return (eps.float() - noise.float()).square().flatten(1).mean(1)
+
+
+def null_condition(model, source, device):
+    """What replaces a dropped condition: the null class id or the empty-prompt context (None: unconditional)."""
+    if model.num_classes > 0:
+        return model.null_class_id
+    if model.text_dim > 0:
+        ctx = getattr(source, "null_context", None)
+        if ctx is None:
+            raise UvitError("this text model trains with guidance but the latent cache stores no empty-prompt "
+                            "context; re-run `uvit encode-latents` (it writes one) or set train.p_uncond: 0")
+        return ctx.to(device).float()
+    return None
+
+
+def apply_drop(y, drop, null):
+    """Label dropout for classifier-free guidance, in one place."""
+    if null is None or y is None or not bool(drop.any()):
+        return y
+    if y.dtype == torch.long:
+        return torch.where(drop, torch.full_like(y, null), y)
+    return torch.where(drop[:, None, None], null.to(y.dtype).expand_as(y), y)
+
+
+def check_data_fits_model(recipe: Recipe, source) -> None:
+    """A model that does not fit the data (channels, size, classes) fails before any training starts."""
+    m = recipe.model
+    x, y = source.get(0)
+    want = (m.in_chans, m.img_size, m.img_size)
+    if recipe.data.name == "latents":
+        want = (2 * m.in_chans, m.img_size, m.img_size)  # moments: mean and logvar
+    if tuple(x.shape) != want:
+        raise UvitError(f"the data gives {tuple(x.shape)} samples but the model expects {want}; set model.in_chans "
+                        f"/ model.img_size to match the data")
+    n = getattr(source, "num_classes", 0)
+    if m.num_classes > 0 and n and n != m.num_classes:
+        raise UvitError(f"the data has {n} classes but model.num_classes is {m.num_classes}")
+    if m.num_classes > 0 and not n:
+        raise UvitError("the model is class-conditional but the data has no labels; set model.num_classes: 0")
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool = True, progress=None) -> Path:
+    """Train ``recipe`` into ``run_dir`` (resuming from its last checkpoint when ``resume``); returns run_dir.
+
+    ``progress(step, total, info)`` is called after every step (info holds the last logged metrics)."""
+    dev = dist.init(device)
+    world, rank, main = dist.world_size(), dist.rank(), dist.is_main()
+    t = recipe.train
+    if t.batch_size % (world * t.grad_accum):
+        raise UvitError(f"train.batch_size {t.batch_size} does not split over {world} ranks x {t.grad_accum} "
+                        "accumulation steps; pick a batch size divisible by their product")
+    torch.manual_seed(t.seed * world + rank)  # per-rank seeds (DiT convention); the data stream is seeded apart
+    random.seed(t.seed * world + rank)
+
+    # Data: a seeded stream over the source, so a step's batch is a function of the step alone.
+    source = build_source(recipe)
+    check_data_fits_model(recipe, source)
+    stream = build_stream(recipe, source)
+
+    # Model, EMA, optimizer, LR schedule, loss scaler, diffusion.
+    model = build_model(recipe).to(dev)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    fused = dev.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
+                            eps=t.adam_eps, fused=fused)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(t.warmup_steps))
+    scaler = torch.amp.GradScaler(dev.type, enabled=t.precision == "fp16")
+    schedule = build_schedule(recipe)
+    null = null_condition(model, source, dev)
+
+    # Resume from the newest good checkpoint.
+    start, resumed = 0, None
+    if resume and (found := load_latest_state(run_dir)) is not None:
+        state, path = found
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start, resumed = int(state["step"]), path
+        rngs = state.get("rng", [])
+        if len(rngs) == world:
+            _set_rng_state(rngs[rank])
+        if main:
+            log.info("resumed from %s (step %d)", path, start)
+
+    # Run directory: the resolved recipe before step 0.
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_recipe(run_dir, recipe)
+        metrics = MetricsLog(run_dir, resume_step=start)
+    dist.barrier()
+
+    micro = t.batch_size // world // t.grad_accum
+    loader = DataLoader(stream, batch_sampler=StreamBatches(t.batch_size, world, rank, t.grad_accum, start, t.steps),
+                        num_workers=recipe.data.num_workers if recipe.data.name != "digits" else 0,
+                        pin_memory=dev.type == "cuda", persistent_workers=False)
+    net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None) if world > 1 else model
+    if t.compile:
+        net = torch.compile(net)
+    amp = AUTOCAST[t.precision]
+    autocast = (lambda: torch.autocast(dev.type, dtype=amp)) if amp is not None else nullcontext
+    log.info("training %s for %d steps from step %d: global batch %d = %d ranks x %d accum x %d", recipe.name,
+             t.steps, start, t.batch_size, world, t.grad_accum, micro)
+
+    def checkpoint(step: int) -> None:
+        rngs = [_rng_state()]
+        if world > 1:
+            rngs = [None] * world
+            torch.distributed.all_gather_object(rngs, _rng_state())
+        if main:
+            save_state(run_dir, step, {"step": step, "model": model.state_dict(), "ema": ema.state_dict(),
+                                       "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                       "scaler": scaler.state_dict(), "rng": rngs, "world_size": world,
+                                       "recipe": dump_recipe(recipe)}, t.keep_last)
+            yaml = dump_recipe(recipe)
+            save_weights(run_dir / RUN_EMA, ema.state_dict(), yaml, step=step, weights="ema")
+            save_weights(run_dir / RUN_RAW, model.state_dict(), yaml, step=step, weights="raw")
+        dist.barrier()
+
+    it = iter(loader)
+    model.train()
+    window_loss = torch.zeros((), device=dev)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
+    window_steps, window_start, info = 0, time.perf_counter(), {}
+    for step in range(start, t.steps):
+        # Accumulate gradients.
+        for a in range(t.grad_accum):
+            batch = next(it)
+            x0, u, noise = (batch[k].to(dev, non_blocking=True) for k in ("x0", "u", "noise"))
+            y = batch["y"].to(dev, non_blocking=True) if model.num_classes or model.text_dim else None
+            y = apply_drop(y, batch["drop"].to(dev), null)
+            sync = a == t.grad_accum - 1 or world == 1
+            with (nullcontext() if sync else net.no_sync()), autocast():
+                loss = training_loss(schedule, net, x0, y, u, noise).mean()
+            scaler.scale(loss / t.grad_accum).backward()
+            window_loss += loss.detach() / t.grad_accum
+            nonfinite |= ~torch.isfinite(loss.detach())
+
+        # Update weights.
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        lr = sched.get_last_lr()[0]
+        sched.step()
+
+        # Update EMA.
+        update_ema(ema, model, t.ema_rate)
+        window_steps += 1
+        done = step + 1
+
+        # Log (and stop on a non-finite loss, keeping the last good checkpoint).
+        if done % t.log_every == 0 or done == t.steps:
+            if t.precision != "fp16" and bool(dist.all_reduce_mean(nonfinite.float()) > 0):
+                raise UvitError(f"the loss became NaN or inf before step {done}; stopping without saving. The last "
+                                f"good checkpoint is kept in {run_dir}/checkpoints. Lower train.lr, set "
+                                "train.grad_clip, or train in bf16")
+            elapsed = time.perf_counter() - window_start
+            info = {"step": done, "loss": float(dist.all_reduce_mean(window_loss) / window_steps), "lr": lr,
+                    "grad_norm": float(grad_norm), "img_per_s": window_steps * t.batch_size / elapsed,
+                    "peak_mem_gb": _peak_memory_gb(dev), "time": time.time()}
+            if t.precision == "fp16":
+                info["loss_scale"] = scaler.get_scale()
+            if main:
+                metrics.write(info)
+            window_loss.zero_()
+            window_steps, window_start = 0, time.perf_counter()
+
+        # Save a checkpoint; draw a sample grid; run the monitor evaluation.
+        if done % t.save_every == 0 or done == t.steps:
+            checkpoint(done)
+        if main and t.sample_every and (done % t.sample_every == 0 or done == t.steps):
+            _sample_grid(ema, recipe, run_dir, done, dev, source)
+        if main and t.eval_every and done % t.eval_every == 0:
+            metrics.write({"step": done, **_monitor(ema, recipe, dev)})
+        if progress is not None:
+            progress(done, t.steps, info)
+
+    if start >= t.steps and main:
+        log.info("nothing to do: the run already reached %d steps", t.steps)
+    return run_dir
+
+
+def _sample_grid(ema, recipe: Recipe, run_dir: Path, step: int, device, source) -> None:
+    """A guided grid of the EMA model with fixed seeds (never fatal: a missing decoder only skips it)."""
+    try:
+        from .grids import training_grid
+
+        path = training_grid(ema, recipe, run_dir / "samples" / f"step-{step:08d}.png", device, source)
+        log.info("sample grid: %s", path)
+    except UvitError as e:
+        log.warning("no sample grid at step %d: %s", step, e)
+
+
+def _monitor(ema, recipe: Recipe, device) -> dict:
+    """The periodic monitor metric, labelled with its protocol so nobody mistakes it for the paper's FID."""
+    from .metrics import evaluate_model
+
+    result = evaluate_model(ema, recipe, num_samples=recipe.eval.monitor_samples, device=device)
+    return {f"monitor/{k}": v for k, v in result.items()}
