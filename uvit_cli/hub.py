@@ -1,0 +1,71 @@
+"""External weights on the Hugging Face hub: cache-only by default, downloads only when the user allows them.
+
+Nothing downloads silently: a hub file is looked up in the local cache unless ``--allow-download`` (or
+``UVIT_ALLOW_DOWNLOAD=1``) says otherwise, and a missing file is a :class:`UvitError` naming the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from .errors import UvitError
+
+log = logging.getLogger(__name__)
+
+ALLOW_ENV = "UVIT_ALLOW_DOWNLOAD"
+
+
+def downloads_allowed(explicit: bool | None = None) -> bool:
+    """An explicit flag wins; otherwise ``UVIT_ALLOW_DOWNLOAD=1`` (or true/yes) allows hub downloads."""
+    if explicit is not None:
+        return bool(explicit)
+    return os.environ.get(ALLOW_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def hub_file(repo_id: str, filename: str, *, subfolder: str | None = None, allow_download: bool = False,
+             what: str = "weights", local_hint: str = "") -> Path:
+    """Path of ``filename`` in hub repo ``repo_id`` from the local cache (or downloaded when allowed).
+
+    Raises FileNotFoundError when the repo is reachable but lacks the file (callers try alternatives), and
+    UvitError when the file is not cached and downloads are off (or the download fails).
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, subfolder=subfolder or None,
+                                    local_files_only=not allow_download))
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(filename) from None
+    except EntryNotFoundError:
+        raise FileNotFoundError(filename) from None
+    except Exception as e:  # noqa: BLE001 - network, auth, gated repos: all mean "not available"
+        raise UvitError(f"could not download {what} {repo_id!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                        f"{local_hint or 'pass a local path instead'}") from None
+
+
+def missing_message(spec: str, what: str, local_hint: str) -> str:
+    """The one-line error for hub weights that are not in the local cache."""
+    return (f"{what} {spec!r} is not in the local Hugging Face cache ({hub_cache_dir()}); {local_hint}, "
+            f"or allow the download with --allow-download (or {ALLOW_ENV}=1)")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
