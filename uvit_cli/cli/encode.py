@@ -1,14 +1,214 @@
-"""`uvit encode-latents`: encode images to VAE latents and captions to CLIP features."""
+"""`uvit encode-latents`: encode images to VAE latents and captions to CLIP features (sharded, resumable)."""
 
 from __future__ import annotations
 
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
 
+from ..errors import UvitError
 from . import app
-from .common import not_yet
+from .common import console, setup_logging
 
 
-@app.command("encode-latents", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def encode_cmd(ctx: typer.Context) -> None:
-    """Encode images to VAE latents and captions to CLIP features (not implemented yet)."""
-    not_yet(5, "encode-latents")
+class Dataset(str, Enum):
+    imagenet = "imagenet"
+    coco = "coco"
+    folder = "folder"
+
+
+class Split(str, Enum):
+    train = "train"
+    val = "val"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Crop(str, Enum):
+    auto = "auto"
+    adm_center = "adm_center"
+    center_lanczos = "center_lanczos"
+
+
+class Condition(str, Enum):
+    auto = "auto"
+    class_ = "class"
+    text = "text"
+    none = "none"
+
+
+SCALE = {"imagenet": 0.18215, "coco": 0.23010, "folder": 0.18215}
+DATA, ENC, OUT, PERF = "Data", "Encoders", "Output", "Performance"
+
+
+class RateColumn(ProgressColumn):
+    """Images per second."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.1f} img/s" if task.speed else "- img/s", style="progress.data.speed")
+
+
+def _dist():
+    """(rank, world size, local rank) from torchrun's environment."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+@app.command("encode-latents")
+def encode_cmd(
+    dataset: Dataset = typer.Argument(..., help="imagenet (class labels), coco (5 captions per image) or folder"),
+    res: int = typer.Option(256, "--res", min=8, help="image resolution (official: 256 or 512; latents are res/8)",
+                            rich_help_panel=DATA),
+    source: Optional[str] = typer.Option(None, "--source", help="hf:NAME (Hugging Face datasets) or a local path",
+                                         rich_help_panel=DATA),
+    split: Split = typer.Option(Split.train, "--split", help="data set split", rich_help_panel=DATA),
+    crop: Crop = typer.Option(Crop.auto, "--crop", help="auto: ADM center crop for imagenet/folder, the official "
+                              "center crop + lanczos for coco", rich_help_panel=DATA),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="also store the horizontal flip "
+                                        "(default: on for imagenet, as the official cache)", rich_help_panel=DATA),
+    condition: Condition = typer.Option(Condition.auto, "--condition", help="folder: class (sub-folders), text "
+                                        "(captions) or none; auto detects", rich_help_panel=DATA),
+    captions: Optional[Path] = typer.Option(None, "--captions", help="folder: a JSONL of {file_name, text}",
+                                            rich_help_panel=DATA),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="encode only the first N images",
+                                        rich_help_panel=DATA),
+    vae: Optional[str] = typer.Option(None, "--vae", help="hub id (org/name or org/name:subfolder), diffusers "
+                                      "directory, or the official autoencoder_kl.pth", rich_help_panel=ENC),
+    scale_factor: Optional[float] = typer.Option(None, "--scale-factor", min=0.0, help="latent scale "
+                                                 "(imagenet 0.18215, coco 0.23010)", rich_help_panel=ENC),
+    text_encoder: str = typer.Option("ViT-L-14/openai", "--text-encoder", help="CLIP text encoder for captions: "
+                                     "open_clip MODEL/TAG, hf-hub:org/repo, or a local folder/file",
+                                     rich_help_panel=ENC),
+    allow_download: bool = typer.Option(False, "--allow-download", help="let missing hub weights and data sets "
+                                        "download (also UVIT_ALLOW_DOWNLOAD=1)", rich_help_panel=ENC),
+    out: Optional[Path] = typer.Option(None, "--out", help="output directory (default data/<dataset><res>_latents)",
+                                       rich_help_panel=OUT),
+    shard_size: int = typer.Option(1024, "--shard-size", min=1, help="images per shard (the resume unit)",
+                                   rich_help_panel=OUT),
+    verify: bool = typer.Option(False, "--verify", help="re-read every shard and check counts and checksums",
+                                rich_help_panel=OUT),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="images per encoder batch", rich_help_panel=PERF),
+    num_workers: int = typer.Option(min(8, os.cpu_count() or 1), "--num-workers", min=0,
+                                    help="image decoding worker processes", rich_help_panel=PERF),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available)",
+                                         rich_help_panel=PERF),
+    precision: Precision = typer.Option(Precision.fp32, "--precision", help="encoder autocast precision "
+                                        "(moments are stored fp16 either way)", rich_help_panel=PERF),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+) -> None:
+    """Encode images to VAE latents (mean and logvar, fp16) and captions to CLIP features, in resumable shards.
+
+    Rerun the same command after an interruption to continue; use torchrun for several GPUs.
+
+    Example: uvit encode-latents imagenet --res 256 --source /data/imagenet --out data/imagenet256_latents
+    """
+    import torch
+
+    from ..autoencoder import DEFAULT_VAE, load_autoencoder
+    from ..data.encoding import encode_latents, finalize
+    from ..data.images import DEFAULT_CROP, open_source
+    from ..data.latents import verify_latents
+
+    setup_logging(verbose)
+    kind = dataset.value
+    if res % 8:
+        raise UvitError(f"--res {res} is not a multiple of 8 (the VAE downsamples by 8); use 256 or 512")
+    if scale_factor is not None and scale_factor <= 0:
+        raise UvitError(f"--scale-factor {scale_factor} must be positive (imagenet 0.18215, coco 0.23010)")
+    if not source:
+        example = {"imagenet": "/data/imagenet (with train/<wnid>/*.JPEG) or hf:ILSVRC/imagenet-1k",
+                   "coco": "/data/coco (with train2014/ and annotations/)", "folder": "/path/to/images"}[kind]
+        raise UvitError(f"--source is required: e.g. --source {example}")
+    folder_kw = {"condition": condition.value, "captions": str(captions) if captions else None} \
+        if kind == "folder" else {}
+    src = open_source(kind, source, split.value, allow_download, **folder_kw)
+    crop_name = DEFAULT_CROP[kind] if crop is Crop.auto else crop.value
+    flips = (kind == "imagenet") if flip is None else flip
+    if out is None:
+        name = kind if kind != "folder" else (Path(source).name or "folder")
+        out = Path("data") / f"{name}{res}_latents{'' if split is Split.train else '_' + split.value}"
+    rank, world, local_rank = _dist()
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and world > 1:
+        device = f"cuda:{local_rank}"
+    if world > 1:
+        import datetime
+
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+    vae_spec = vae or DEFAULT_VAE.get(kind, DEFAULT_VAE["imagenet"])
+    ae = load_autoencoder(vae_spec, scale_factor if scale_factor is not None else SCALE[kind], device,
+                          allow_download=allow_download)
+    te = None
+    if src.conditioning == "text":
+        from ..text import load_text_encoder
+
+        te = load_text_encoder(text_encoder, device, allow_download=allow_download)
+    if rank == 0:
+        console.print(f"[bold]{kind}[/] {src.location}: {len(src):,} images, {src.conditioning} · {crop_name} "
+                      f"{res}px{' + flips' if flips else ''} · VAE {vae_spec} · → {out}")
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               RateColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=rank != 0, transient=False) as bar:
+        task = bar.add_task("encoding", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        manifest = encode_latents(src, out, ae, te, resolution=res, crop=crop_name, flips=flips,
+                                  batch_size=batch_size, shard_size=shard_size, num_workers=num_workers,
+                                  precision=precision.value, split=split.value, limit=limit, rank=rank,
+                                  world_size=world, progress=progress)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank == 0:
+            manifest = finalize(out)
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank != 0:
+        return
+    if manifest is None:
+        raise UvitError(f"{out}: some shards are still missing; rerun the same command to finish them")
+    if verify:
+        with Progress(*columns[:3], console=console) as bar:
+            task = bar.add_task("verifying", total=len(manifest["shards"]))
+            result = verify_latents(out, progress=lambda d, t: bar.update(task, completed=d))
+        console.print(f"[green]verified[/] {result['shards']} shards, {result['count']:,} images"
+                      + (f", {result['captions']:,} captions" if result["captions"] else ""))
+    _summary(manifest, out)
+
+
+def _summary(manifest: dict, out: Path) -> None:
+    table = Table(show_header=False, title=f"latent cache {out}")
+    table.add_row("images", f"{manifest['count']:,} of {manifest['items']:,}"
+                  + (" (+ flips)" if manifest["flips"] else ""))
+    table.add_row("latents", f"{manifest['latent_channels']}x{manifest['latent_size']}x{manifest['latent_size']} "
+                  f"moments, fp16, {len(manifest['shards'])} shards")
+    if manifest["num_captions"]:
+        table.add_row("captions", f"{manifest['num_captions']:,} (+ empty-prompt context)")
+    if manifest.get("class_names"):
+        table.add_row("classes", str(len(manifest["class_names"])))
+    stats = manifest["latent_stats"]
+    if stats.get("values"):
+        table.add_row("latent std x scale", f"{stats['std']:.3f} x {manifest['scale_factor']} = "
+                      f"{stats['std'] * manifest['scale_factor']:.3f} (about 1 expected)")
+    if manifest["num_skipped"]:
+        shown = ", ".join(f"{s['key']} ({s['reason']})" for s in manifest["skipped"][:5])
+        table.add_row("[yellow]skipped[/]", f"{manifest['num_skipped']}: {shown}"
+                      + (" ..." if manifest["num_skipped"] > 5 else "") + " (all listed in manifest.json)")
+    if manifest["converted"]:
+        table.add_row("converted", ", ".join(f"{k}: {v}" for k, v in sorted(manifest["converted"].items())))
+    console.print(table)
