@@ -22,6 +22,16 @@ def build_model(recipe: Recipe | ModelConfig):
     return UViT(**model_kwargs(cfg))
 
 
+def build_schedule(recipe: Recipe):
+    """The recipe's diffusion formulation: the continuous VP-SDE or the discrete SD schedule (uvit_cli/diffusion.py)."""
+    from .diffusion import DiscreteSchedule, VPSchedule
+
+    d = recipe.diffusion
+    if d.formulation == "vp":
+        return VPSchedule(beta_min=d.beta_min, beta_max=d.beta_max)
+    return DiscreteSchedule(beta_start=d.beta_start, beta_end=d.beta_end, num_timesteps=d.num_timesteps)
+
+
 # The official crop of each pixel data set ("auto").
 DEFAULT_CROP = {"cifar10": "none", "celeba64": "celeba", "imagenet64": "adm_center", "folder": "adm_center"}
 

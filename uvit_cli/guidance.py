@@ -1,0 +1,117 @@
+"""From a U-ViT to the noise predictor eps(x, t) the samplers call: time convention, condition, guidance, precision.
+
+Classifier-free guidance (Ho & Salimans 2022) in the standard convention: eps = eps_u + w (eps_c - eps_u), w = 1 off.
+The official U-ViT writes eps_c + s (eps_c - eps_u), i.e. w = 1 + s. The conditional and unconditional halves run
+as one batched forward. The null condition is the model's null class id, or the empty-prompt context for text.
+
+The model always sees micro-batches of exactly ``forward_batch`` samples (the last one padded by repeating a
+sample): CPU (and GPU) matmul kernels are chosen by shape, so a row's bits can depend on the batch size. With a
+fixed forward shape, a sample's result depends only on its own inputs, never on ``batch_size`` or its batch-mates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cfg_combine(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: float) -> torch.Tensor:
+    """Classifier-free guidance, standard w (1 = the conditional model, 0 = the unconditional one)."""
+    return eps_uncond + w * (eps_cond - eps_uncond)
+
+
+def autocast_context(device: torch.device | str, precision: str):
+    """torch.autocast for bf16 / fp16 on the device, or a no-op for fp32."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def _pad(v: torch.Tensor | None, m: int) -> torch.Tensor | None:
+    """Pad a micro-batch to m rows by repeating its last row."""
+    if v is None or v.shape[0] == m:
+        return v
+    return torch.cat([v, v[-1:].expand(m - v.shape[0], *v.shape[1:])])
+
+
+def _expand_null(null_cond, cond: torch.Tensor) -> torch.Tensor:
+    """The null condition repeated to cond's batch: a class id (int) or a context (77, D) / (1, 77, D)."""
+    if isinstance(null_cond, int):
+        return torch.full_like(cond, null_cond)
+    null = torch.as_tensor(null_cond, device=cond.device, dtype=cond.dtype)
+    if null.dim() == cond.dim() - 1:
+        null = null[None]
+    return null.expand(cond.shape[0], *cond.shape[1:])
+
+
+class ModelNoiseFn:
+    """eps(x, t) for a sampler: converts t to the network's time, adds the condition and guidance, counts NFE.
+
+    ``batched_guidance=False`` runs the cond and uncond halves as two separate forwards (the straightforward way;
+    kept for the benchmark). ``on_eval(nfe)`` is called after every evaluation (for progress bars).
+    """
+
+    def __init__(self, model: torch.nn.Module, schedule, cond: torch.Tensor | None = None, *, cfg_scale: float = 1.0,
+                 null_cond=None, forward_batch: int = 4, precision: str = "fp32", batched_guidance: bool = True,
+                 on_eval: Callable[[int], None] | None = None):
+        if cfg_scale != 1.0 and (cond is None or null_cond is None):
+            raise ValueError("guidance (cfg_scale != 1) needs a condition and a null condition")
+        if forward_batch < 1:
+            raise ValueError(f"forward_batch must be >= 1, got {forward_batch}")
+        self.model, self.schedule, self.cond = model, schedule, cond
+        self.cfg_scale, self.null_cond = float(cfg_scale), null_cond
+        self.forward_batch, self.precision, self.batched_guidance = forward_batch, precision, batched_guidance
+        self.on_eval = on_eval
+        self.nfe = 0        # noise-predictor evaluations of the whole batch
+        self.forwards = 0   # model forward calls (micro-batches)
+
+    def _forward(self, x: torch.Tensor, t_net: torch.Tensor, y) -> torch.Tensor:
+        """The model on fixed-size micro-batches; returns float32."""
+        n, m = x.shape[0], self.forward_batch
+        outs = []
+        for i in range(0, n, m):
+            k = min(m, n - i)
+            xb, tb = _pad(x[i:i + k], m), _pad(t_net[i:i + k], m)
+            yb = None if y is None else _pad(y[i:i + k], m)
+            with autocast_context(x.device, self.precision):
+                out = self.model(xb, tb) if yb is None else self.model(xb, tb, yb)
+            self.forwards += 1
+            outs.append(out[:k].float())
+        return torch.cat(outs)
+
+    def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        n = x.shape[0]
+        t_net = torch.full((n,), float(self.schedule.net_time(t)), device=x.device, dtype=torch.float32)
+        cond = self.cond
+        with torch.no_grad():
+            if self.cfg_scale == 1.0:
+                eps = self._forward(x, t_net, cond)
+            elif self.batched_guidance:
+                eps = self._guided_batched(x, t_net, cond)
+            else:
+                null = _expand_null(self.null_cond, cond)
+                eps = cfg_combine(self._forward(x, t_net, cond), self._forward(x, t_net, null), self.cfg_scale)
+        self.nfe += 1
+        if self.on_eval is not None:
+            self.on_eval(self.nfe)
+        return eps
+
+    def _guided_batched(self, x: torch.Tensor, t_net: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Each micro-batch of samples goes through the model once as [cond half; uncond half]."""
+        null = _expand_null(self.null_cond, cond)
+        m = self.forward_batch
+        half = []
+        for i in range(0, x.shape[0], m):
+            k = min(m, x.shape[0] - i)
+            xb, tb, cb, nb = (_pad(v[i:i + k], m) for v in (x, t_net, cond, null))
+            with autocast_context(x.device, self.precision):
+                out = self.model(torch.cat([xb, xb]), torch.cat([tb, tb]), torch.cat([cb, nb])).float()
+            self.forwards += 1
+            e_c, e_u = out[:m], out[m:]
+            half.append(cfg_combine(e_c[:k], e_u[:k], self.cfg_scale))
+        return torch.cat(half)
