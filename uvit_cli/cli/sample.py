@@ -2,13 +2,260 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from typing import List, Optional
+
+import enum
+
 import typer
 
+from ..errors import UvitError
 from . import app
-from .common import not_yet
+from .common import SetOption, console, err_console, parse_seeds, setup_logging
+
+log = logging.getLogger("uvit_cli.sample")
+
+Sampler = enum.Enum("Sampler", {n: n for n in ("dpm_solver", "dpm_solver_pp", "dpm_solver_pp_2m", "euler_maruyama",
+                                                  "pf_ode_euler", "ddim")}, type=str)
+Precision = enum.Enum("Precision", {n: n for n in ("fp32", "bf16", "fp16")}, type=str)
+Weights = enum.Enum("Weights", {n: n for n in ("ema", "raw")}, type=str)
+GRID_MAX = 256  # a grid shows at most this many samples; --out-dir / --npz take any number
 
 
-@app.command("sample", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def sample_cmd(ctx: typer.Context) -> None:
-    """Draw samples from a run or checkpoint (classes, prompts, guidance, DPM-Solver) (not implemented yet)."""
-    not_yet(3, "sample")
+# ---------------------------------------------------------------------------------------------------------------------
+# Conditions
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _class_tokens(values: List[str]) -> list[str]:
+    return [tok.strip() for v in values for tok in v.split(",") if tok.strip()]
+
+
+def class_ids_for(values: List[str], seeds: list[int], num_classes: int) -> list[int]:
+    """One class id per seed from --class values: ids, ImageNet names (cycled over the seeds), "random" (a class
+    drawn from each seed, so it does not depend on the other seeds) or "balanced" (sample i gets class i mod K)."""
+    import numpy as np
+
+    from ..data.imagenet_classes import imagenet_class_id
+
+    tokens = _class_tokens(values)
+    if not tokens:
+        raise UvitError("--class is empty; pass class ids, names, 'random' or 'balanced'")
+    if tokens in (["random"], ["balanced"]):
+        if tokens[0] == "balanced":
+            return [i % num_classes for i in range(len(seeds))]
+        return [int(np.random.default_rng([s, 0xC1A55]).integers(num_classes)) for s in seeds]
+    ids = []
+    for tok in tokens:
+        if tok in ("random", "balanced"):
+            raise UvitError(f"--class {tok} cannot be mixed with other classes")
+        if tok.lstrip("-").isdigit():
+            k = int(tok)
+            if not 0 <= k < num_classes:
+                raise UvitError(f"class id {k} is out of range: this model has classes 0..{num_classes - 1}")
+        elif num_classes == 1000:
+            k = imagenet_class_id(tok)
+        else:
+            raise UvitError(f"--class {tok!r}: class names are ImageNet's; this model has {num_classes} classes, "
+                            f"pass ids 0..{num_classes - 1}")
+        ids.append(k)
+    return [ids[i % len(ids)] for i in range(len(seeds))]
+
+
+def read_prompts(prompts: Optional[List[str]], prompts_file: Optional[Path]) -> list[str]:
+    """--prompt values, then the non-empty lines of --prompts-file."""
+    out = list(prompts or [])
+    if prompts_file is not None:
+        if not prompts_file.exists():
+            raise UvitError(f"--prompts-file {prompts_file} does not exist")
+        out += [line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return out
+
+
+def _class_label(k: int, num_classes: int) -> str:
+    if num_classes == 1000:
+        from ..data.imagenet_classes import imagenet_class_names
+
+        return f"{k} {imagenet_class_names()[k]}"
+    return f"class {k}"
+
+
+# Loading seams (tests replace them with tiny stand-ins).
+def _load_decoder(spec: str, scale_factor: float, device):
+    from ..autoencoder import load_autoencoder
+
+    return load_autoencoder(spec, scale_factor, device)
+
+
+def _load_text_encoder(spec: str, device):
+    from ..text import load_text_encoder
+
+    return load_text_encoder(spec, device)
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _progress_bar():
+    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class NfeRate(ProgressColumn):
+        def render(self, task):
+            speed = task.finished_speed or task.speed
+            return Text("" if speed is None else f"{speed:.2f} NFE/s")
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("NFE {task.completed}/{task.total}"),
+                    NfeRate(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err_console,
+                    transient=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------------------------------
+
+@app.command("sample")
+def sample_cmd(
+    target: str = typer.Argument(..., metavar="RUN_OR_CHECKPOINT", help="a run directory, a .safetensors "
+                                 "checkpoint, or an official .pth (with --recipe)"),
+    recipe_path: Optional[str] = typer.Option(None, "--recipe", "-r", help="recipe that describes the checkpoint's "
+                                              "model (required for official .pth files)"),
+    overrides: Optional[List[str]] = SetOption,
+    weights: Weights = typer.Option("ema", "--weights", help="which weights of a run directory"),
+    classes: Optional[List[str]] = typer.Option(None, "--class", "-c", metavar="ID|NAME|random|balanced",
+                                                help="class ids or ImageNet names (repeatable or comma-separated, "
+                                                "cycled over the seeds), 'random' or 'balanced'",
+                                                rich_help_panel="Conditions"),
+    prompts: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="text prompt (repeatable, cycled over "
+                                                "the seeds); \"\" is the unconditional prompt",
+                                                rich_help_panel="Conditions"),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="a text file with one prompt per line",
+                                                rich_help_panel="Conditions"),
+    seeds_text: Optional[str] = typer.Option(None, "--seeds", metavar="0-63", help="seeds, one image each "
+                                             "(ranges and lists: 0-63 or 1,5,7-9)", rich_help_panel="Seeds"),
+    n: Optional[int] = typer.Option(None, "--n", min=1, help="number of images, seeds --seed.. (default 16)",
+                                    rich_help_panel="Seeds"),
+    seed: int = typer.Option(0, "--seed", min=0, help="first seed with --n", rich_help_panel="Seeds"),
+    sampler: Optional[Sampler] = typer.Option(None, "--sampler", help="sampler (default: the recipe's)",
+                                              rich_help_panel="Sampler"),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="sampler steps (default: the recipe's)",
+                                        rich_help_panel="Sampler"),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", min=0.0, help="guidance w, 1 = off (the "
+                                              "official scale s is w = 1 + s); default: the recipe's",
+                                              rich_help_panel="Sampler"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="samples per sampler batch "
+                                             "(default: the recipe's); images do not depend on it",
+                                             rich_help_panel="Performance"),
+    forward_batch: Optional[int] = typer.Option(None, "--forward-batch", min=1, help="samples per network forward "
+                                                "(default 4 on CPU, 32 on GPU); images depend on it in the last bits",
+                                                rich_help_panel="Performance"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N", rich_help_panel="Performance"),
+    precision: Precision = typer.Option("fp32", "--precision", help="autocast precision of the network",
+                                        rich_help_panel="Performance"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="labelled grid PNG (default grid.png when neither "
+                                       "--out-dir nor --npz is given)", rich_help_panel="I/O"),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="one PNG per sample, named by seed",
+                                           rich_help_panel="I/O"),
+    npz: Optional[Path] = typer.Option(None, "--npz", help="ADM .npz (uint8 NHWC arr_0, labels arr_1)",
+                                       rich_help_panel="I/O"),
+    vae: Optional[str] = typer.Option(None, "--vae", help="VAE hub id or local path for latent models (default: "
+                                      "the recipe's data.vae)", rich_help_panel="I/O"),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="CLIP text encoder id or local path "
+                                               "for text models (default: the recipe's data.text_encoder)",
+                                               rich_help_panel="I/O"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+) -> None:
+    """Draw samples from a run directory or checkpoint: a labelled grid, a PNG per seed, or an ADM .npz.
+
+    Examples:
+      uvit sample runs/00001-digits --class 0,1,2,3 --seeds 0-15
+      uvit sample uvit_h2.safetensors --class "golden retriever" --class 88 --n 8 --cfg-scale 1.4 --out dogs.png
+      uvit sample imagenet256_uvit_huge.pth --recipe imagenet256_uvit_h2 --class balanced --seeds 0-49999 --npz s.npz
+      uvit sample runs/00003-coco --prompt "a red bus on a bridge" --n 4 --precision bf16
+    """
+    import torch
+
+    from ..checkpoint import load_model
+    from ..generate import generate, nfe_per_sample
+    from ..images import save_grid, save_npz, save_pngs
+
+    setup_logging(verbose)
+    sampler = sampler.value if sampler is not None else None
+    precision, weights = Precision(precision).value, Weights(weights).value
+    if seeds_text and n is not None:
+        raise UvitError("pass either --seeds or --n/--seed, not both")
+    seeds = parse_seeds(seeds_text) if seeds_text else list(range(seed, seed + (n or 16)))
+    prompt_list = read_prompts(prompts, prompts_file)
+
+    model, recipe, path = load_model(target, recipe_path, overrides, weights)
+    kind = recipe.conditioning
+    w = recipe.sample.cfg_scale if cfg_scale is None else cfg_scale
+    if kind != "text" and prompt_list:
+        raise UvitError(f"--prompt given, but this model is {'class-conditional: pass --class ids or names' if kind == 'class' else 'unconditional: drop --prompt'}")
+    if kind != "class" and classes:
+        raise UvitError(f"--class given, but this model is {'text-conditional: pass --prompt' if kind == 'text' else 'unconditional: drop --class'}")
+    if w != 1.0 and not recipe.has_null_condition:
+        raise UvitError(f"--cfg-scale {w:g}: guidance needs a model trained with a null condition (model.null_class "
+                        "and train.p_uncond > 0); this one has none, so pass --cfg-scale 1")
+    device = _device(device)
+
+    cond, labels, captions, null_context = None, None, None, None
+    if kind == "class":
+        if not classes:
+            log.info("no --class given: drawing a random class for each seed")
+        ids = class_ids_for(classes or ["random"], seeds, recipe.model.num_classes)
+        cond, labels = torch.tensor(ids, dtype=torch.long), ids
+        captions = [_class_label(k, recipe.model.num_classes) for k in ids]
+    elif kind == "text":
+        if not prompt_list:
+            raise UvitError("this model is text-conditional: pass --prompt TEXT or --prompts-file FILE")
+        encoder = _load_text_encoder(text_encoder or recipe.data.text_encoder, device)
+        per_seed = [prompt_list[i % len(prompt_list)] for i in range(len(seeds))]
+        unique = list(dict.fromkeys(per_seed + ([""] if w != 1.0 else [])))
+        feats = encoder.encode(unique).float().cpu()
+        index = {p: i for i, p in enumerate(unique)}
+        cond = feats[[index[p] for p in per_seed]]
+        null_context = feats[index[""]] if w != 1.0 else None
+        captions = per_seed
+    else:
+        captions = [f"seed {s}" for s in seeds]
+    decoder = None
+    if recipe.is_latent:
+        decoder = _load_decoder(vae or recipe.data.vae, recipe.data.scale_factor, device)
+
+    nfe = nfe_per_sample(recipe, sampler, steps)
+    stats: dict = {}
+    console.print(f"sampling {len(seeds)} images from {path} · {sampler or recipe.sample.sampler} "
+                  f"{steps or recipe.sample.steps} steps ({nfe} NFE/image) · guidance w={w:g} · {device} {precision}",
+                  highlight=False)
+    with _progress_bar() as bar:
+        task = bar.add_task("sample", total=None)
+
+        def progress(done, total):
+            bar.update(task, completed=done, total=total)
+
+        images = generate(model, recipe, seeds, cond, cfg_scale=w, sampler=sampler, steps=steps,
+                          batch_size=batch_size, device=device, precision=precision, decoder=decoder,
+                          null_context=null_context, progress=progress, forward_batch=forward_batch, stats=stats)
+
+    written = []
+    if out is not None or (out_dir is None and npz is None):
+        grid_path = out or Path("grid.png")
+        if len(images) > GRID_MAX:
+            log.warning("the grid shows the first %d of %d samples; use --out-dir or --npz for all", GRID_MAX,
+                        len(images))
+        save_grid(images[:GRID_MAX], grid_path, captions[:GRID_MAX])
+        written.append(f"grid {grid_path}")
+    if out_dir is not None:
+        save_pngs(images, out_dir, seeds)
+        written.append(f"{len(seeds)} PNGs in {out_dir}")
+    if npz is not None:
+        save_npz(npz, images, labels)
+        written.append(f"{npz} (arr_0 {tuple(images.shape)}" + (", arr_1 labels)" if labels is not None else ")"))
+    console.print(f"wrote {'; '.join(written)} · {stats['seconds']:.1f}s, {stats['images_per_s']:.2f} images/s",
+                  highlight=False)
