@@ -114,9 +114,14 @@ def evaluate(samples, ref: str | Path | None = None, *, metrics: str | Iterable[
     if not ref:
         raise UvitError("no reference to compare with: pass --ref (an image folder, an ADM reference batch, a "
                         "fid_stats .npz or `uvit fid-stats` output) or set eval.ref in the recipe")
-    model = load_fid_inception(inception_weights, device=device, exact=exact)
-    weights_sha = file_sha256(model.weights_path)
-    extractor = FeatureExtractor(model, mode, device, batch_size)
+    lazy: dict = {}
+
+    def extractor() -> FeatureExtractor:  # loaded after the reference is validated (cheap errors first)
+        if not lazy:
+            model = load_fid_inception(inception_weights, device=device, exact=exact)
+            lazy.update(x=FeatureExtractor(model, mode, device, batch_size), sha=file_sha256(model.weights_path))
+        return lazy["x"]
+
     need = set()
     if "fid" in names:
         need.add("pool")
@@ -125,19 +130,19 @@ def evaluate(samples, ref: str | Path | None = None, *, metrics: str | Iterable[
     if {"precision", "recall"} & set(names):
         need.add("pool_features")
     reference = load_reference(
-        ref, need=need, mode=mode, weights_sha256=weights_sha,
+        ref, need=need, mode=mode, weights_sha256=lambda: (extractor(), lazy["sha"])[1],
         # Both Gaussian statistics come from the same pass, so the cache entry serves FID and sFID alike.
-        extract=lambda src, keep: extractor.extract(src, want=("pool", "spatial"), keep_pool=keep,
-                                                    progress=stage("reference")))
+        extract=lambda src, keep: extractor().extract(src, want=("pool", "spatial"), keep_pool=keep,
+                                                      progress=stage("reference")))
     if reference.shape and tuple(reference.shape[:2]) != tuple(source.shape[:2]):
         raise UvitError(f"the samples are {source.shape[0]}x{source.shape[1]} but the reference images are "
                         f"{reference.shape[0]}x{reference.shape[1]}; score both sets at one resolution")
     want = {k for m, k in (("fid", "pool"), ("sfid", "spatial"), ("is", "is")) if m in names}
-    feats = extractor.extract(source, limit=n, want=want, keep_pool=bool({"precision", "recall"} & set(names)),
-                              progress=stage("samples"))
+    feats = extractor().extract(source, limit=n, want=want, keep_pool=bool({"precision", "recall"} & set(names)),
+                                progress=stage("samples"))
     values = _inception_values(names, feats, reference, device)
-    card.update(extractor.card())
-    card["inception_weights_sha256"] = weights_sha
+    card.update(extractor().card())
+    card["inception_weights_sha256"] = lazy["sha"]
     card.update(reference.card())
     if n < 2048 and ("fid" in names or "sfid" in names):
         card["note"] = (f"FID from {n} samples is biased upward (rank-deficient covariance); compare only with "

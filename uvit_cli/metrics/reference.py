@@ -129,11 +129,12 @@ def read_stats_file(path: Path) -> Reference:
 
 
 def load_reference(ref: str | Path, *, need: set, extract: Callable[[ImageSource, bool], object],
-                   mode: str, weights_sha256: str = "", channels: int = 3) -> Reference:
+                   mode: str, weights_sha256: str | Callable[[], str] = "", channels: int = 3) -> Reference:
     """Reference statistics covering ``need`` ⊆ {"pool", "spatial", "pool_features"}.
 
     ``extract(source, keep_pool)`` runs the feature extractor (returns features.Features); it is called only for
-    images that are not in the cache.
+    images that are not in the cache. ``weights_sha256`` (the cache key's network part) may be a callable, so
+    the network is loaded only when images must be read.
     """
     path = find_reference(ref)
     base = None
@@ -165,9 +166,11 @@ def load_reference(ref: str | Path, *, need: set, extract: Callable[[ImageSource
     return base
 
 
-def _cached_features(source: ImageSource, need: set, extract, mode: str, weights_sha256: str):
+def _cached_features(source: ImageSource, need: set, extract, mode: str, weights_sha256):
     from .features import Features
 
+    if callable(weights_sha256):
+        weights_sha256 = weights_sha256()
     key = f"{source.sha256()[:20]}_{mode}_{weights_sha256[:12] or 'noweights'}"
     path = cache_dir() / "ref_features" / f"{key}.npz"
     if path.is_file():

@@ -1,0 +1,153 @@
+"""Image sources (folders, streamed .npz) and the resumable sample store: formats, validation, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from metrics_fixtures import smooth_images, write_pngs
+from uvit_cli.errors import UvitError
+from uvit_cli.metrics.evaluate import evaluate
+from uvit_cli.metrics.sample_store import parts_dir, read_samples_meta, sample_to_npz
+from uvit_cli.metrics.sources import FolderSource, NpzSource, open_source
+
+
+def _all(src, bs=3):
+    return np.concatenate(list(src.batches(bs)))
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_npz_streams_arr_0_and_labels(tmp_path, compressed):
+    imgs = smooth_images(10, 12, 0)
+    path = tmp_path / "s.npz"
+    (np.savez_compressed if compressed else np.savez)(path, imgs, np.arange(10) % 3)
+    src = NpzSource(path)
+    assert len(src) == 10 and src.shape == (12, 12, 3)
+    np.testing.assert_array_equal(_all(src), imgs)
+    np.testing.assert_array_equal(np.concatenate(list(src.batches(4, limit=6))), imgs[:6])
+    np.testing.assert_array_equal(src.labels, np.arange(10) % 3)
+    assert src.sha256() == NpzSource(path).sha256() and len(src.sha256()) == 64
+
+
+def test_folder_reads_sorted_rgb_and_gray(tmp_path):
+    imgs = smooth_images(5, 10, 1)
+    write_pngs(tmp_path / "f", imgs)
+    np.testing.assert_array_equal(_all(FolderSource(tmp_path / "f")), imgs)
+    Image.fromarray(imgs[0, ..., 0]).save(tmp_path / "f" / "99999.png")  # a gray PNG becomes RGB, as in pytorch-fid
+    last = _all(FolderSource(tmp_path / "f"))[-1]
+    assert last.shape == (10, 10, 3) and (last[..., 0] == last[..., 2]).all()
+    (tmp_path / "nested" / "class_a").mkdir(parents=True)  # images only in sub-folders are found too
+    write_pngs(tmp_path / "nested" / "class_a", imgs[:2])
+    assert len(FolderSource(tmp_path / "nested")) == 2
+
+
+@pytest.mark.parametrize("case,match", [
+    ("nan", "NaN or inf"),
+    ("float", "must be uint8"),
+    ("nchw", "channels-first"),
+    ("rgba", "4 channels"),
+    ("int16", "expected uint8"),
+    ("empty", "holds no images"),
+    ("nokey", "no 'arr_0'"),
+    ("garbage", "not a readable .npz"),
+])
+def test_bad_npz_inputs_are_clear_errors(tmp_path, case, match):
+    path = tmp_path / "bad.npz"
+    x = smooth_images(4, 8, 2)
+    if case == "nan":
+        f = x.astype(np.float32)
+        f[2, 3, 3, 1] = np.nan
+        np.savez(path, f)
+    elif case == "float":
+        np.savez(path, x.astype(np.float32) / 255)
+    elif case == "nchw":
+        np.savez(path, x.transpose(0, 3, 1, 2).copy())
+    elif case == "rgba":
+        np.savez(path, np.concatenate([x, x[..., :1]], -1))
+    elif case == "int16":
+        np.savez(path, x.astype(np.int16))
+    elif case == "empty":
+        np.savez(path, x[:0])
+    elif case == "nokey":
+        np.savez(path, images=x)
+    else:
+        path.write_bytes(b"not a zip file")
+    with pytest.raises(UvitError, match=match):
+        NpzSource(path)
+
+
+def test_bad_folders_are_clear_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UvitError, match="holds no images"):
+        FolderSource(tmp_path / "empty")
+    write_pngs(tmp_path / "mixed", smooth_images(2, 8, 0))
+    Image.fromarray(smooth_images(1, 9, 0)[0]).save(tmp_path / "mixed" / "z.png")
+    with pytest.raises(UvitError, match="share one resolution"):
+        _all(FolderSource(tmp_path / "mixed"))
+    write_pngs(tmp_path / "broken", smooth_images(2, 8, 0))
+    (tmp_path / "broken" / "00001.png").write_bytes(b"\x89PNG truncated")
+    with pytest.raises(UvitError, match="cannot read image .*00001.png"):
+        _all(FolderSource(tmp_path / "broken"))
+    with pytest.raises(UvitError, match="does not exist"):
+        open_source(tmp_path / "missing.npz")
+
+
+def test_sample_counts_are_checked_before_scoring(tmp_path):
+    np.savez(tmp_path / "s.npz", smooth_images(3, 8, 0))
+    with pytest.raises(UvitError, match="holds 3 images but 10"):
+        evaluate(tmp_path / "s.npz", tmp_path / "s.npz", num_samples=10)
+    with pytest.raises(UvitError, match="precision needs at least 4"):
+        evaluate(tmp_path / "s.npz", tmp_path / "s.npz", metrics="precision")
+    with pytest.raises(UvitError, match="no reference"):
+        evaluate(tmp_path / "s.npz", None, metrics="fid")
+
+
+# ---------------------------------------------------------------- the resumable sample store
+
+class Boom(Exception):
+    pass
+
+
+def _maker(calls, fail_at=None):
+    def make(start, stop):
+        if fail_at is not None and start >= fail_at:
+            raise Boom()
+        calls.append((start, stop))
+        idx = np.arange(start, stop)
+        return (idx[:, None, None, None] + np.zeros((1, 4, 4, 3))).astype(np.uint8), idx % 7
+    return make
+
+
+def test_sample_store_resumes_and_appears_only_when_complete(tmp_path):
+    out = tmp_path / "eval" / "samples.npz"
+    meta = {"checkpoint_sha256": "abc", "guidance_w": 1.5}
+    calls = []
+    with pytest.raises(Boom):
+        sample_to_npz(out, 25, _maker(calls, fail_at=20), meta=meta, chunk=10)
+    assert not out.exists() and calls == [(0, 10), (10, 20)]
+    calls.clear()
+    sample_to_npz(out, 25, _maker(calls), meta=meta, chunk=10)
+    assert calls == [(20, 25)]  # only the missing chunk was made
+    assert out.exists() and not parts_dir(out).exists()
+    with np.load(out) as z:
+        np.testing.assert_array_equal(z["arr_0"][:, 0, 0, 0], np.arange(25))
+        np.testing.assert_array_equal(z["arr_1"], np.arange(25) % 7)
+    assert read_samples_meta(out) == {**meta, "count": 25}
+    src = NpzSource(out)  # the streamed reader handles the zip64 member
+    np.testing.assert_array_equal(_all(src, 8)[:, 1, 1, 2], np.arange(25))
+    calls.clear()
+    assert sample_to_npz(out, 25, _maker(calls), meta=meta, chunk=10) == out and calls == []  # reused
+    with pytest.raises(UvitError, match="another protocol.*guidance_w"):
+        sample_to_npz(out, 25, _maker(calls), meta={**meta, "guidance_w": 2.0}, chunk=10)
+
+
+def test_sample_store_refuses_to_mix_partial_protocols(tmp_path):
+    out = tmp_path / "s.npz"
+    with pytest.raises(Boom):
+        sample_to_npz(out, 30, _maker([], fail_at=10), meta={"seed": 0}, chunk=10)
+    with pytest.raises(UvitError, match="partial samples of another protocol"):
+        sample_to_npz(out, 30, _maker([]), meta={"seed": 1}, chunk=10)
+    calls = []
+    sample_to_npz(out, 12, _maker(calls), meta={"seed": 0}, chunk=10)  # another N reuses the finished chunk
+    assert calls == [(10, 12)]
