@@ -107,3 +107,18 @@ def test_build_schedule_follows_the_recipe():
     assert isinstance(d, DiscreteSchedule) and d.num_timesteps == 1000
     d2 = build_schedule(load_recipe("coco_uvit_s", ["diffusion.num_timesteps=500"]))
     assert d2.num_timesteps == 500 and len(d2.betas) == 500
+
+
+def test_training_inputs_map_uniform_draws_to_each_formulation():
+    d, vp = DiscreteSchedule(), VPSchedule()
+    u = torch.tensor([0.0, 0.0005, 0.001, 0.5, 0.99999])
+    _, n = d.times_from_uniform(u)
+    assert n.tolist() == [1.0, 1.0, 2.0, 501.0, 1000.0]
+    x0, noise = torch.randn(5, 2, 4, 4), torch.randn(5, 2, 4, 4)
+    for s in (d, vp):
+        xt, t_net = s.training_inputs(x0, u, noise)
+        t = t_net.double() / (1000 if s is d else 999)
+        a = s.marginal_alpha(t).float().view(-1, 1, 1, 1)
+        sg = s.marginal_sigma(t).float().view(-1, 1, 1, 1)
+        assert torch.allclose(xt, a * x0 + sg * noise, atol=1e-5)
+    assert torch.allclose(vp.training_inputs(x0, u, noise)[1], 999 * u)

@@ -26,7 +26,8 @@ def class_recipe(**sample):
     return recipe_from_dict({"name": "tiny_digits", "model": {**TINY, "img_size": 8, "in_chans": 1,
                                                               "num_classes": 10, "null_class": True},
                              "data": {"name": "digits"},
-                             "sample": {"sampler": "dpm_solver", "steps": 6, "cfg_scale": 2.0, "batch_size": 8, **sample}})
+                             "sample": {"sampler": "dpm_solver", "steps": 6, "cfg_scale": 2.0, "batch_size": 8,
+                                        **sample}})
 
 
 def uncond_recipe():

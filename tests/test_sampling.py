@@ -142,7 +142,7 @@ def test_matches_reference(ref, name):
 
 
 def test_official_variants_agree_across_reference_versions(ref):
-    """The U-ViT copies and today's LuChengTHU/dpm-solver give the same official samples (so either is 'the' reference)."""
+    """The U-ViT copies and today's LuChengTHU/dpm-solver agree on the official samples (either is the reference)."""
     tensors, meta, _ = ref
     for official, latest in (("vp_dpm_solver_fast50_official", "vp_dpm_solver_fast50_latest"),
                              ("discrete_dpm_solver_pp_fast50_official", "discrete_dpm_solver_pp_fast50_latest")):

@@ -55,9 +55,13 @@ class NoiseSchedule:
         """Sampler time t -> the time input the network was trained on (float64)."""
         raise NotImplementedError
 
+    def times_from_uniform(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, network time) of the training time draw for uniform u in [0, 1), one per sample."""
+        raise NotImplementedError
+
     def train_times(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(t, network time) for a training batch, drawn from torch's global RNG on ``device``."""
-        raise NotImplementedError
+        return self.times_from_uniform(torch.rand(batch, device=device))
 
     def default_t_end(self, sampler: str) -> float:
         """The end time the official runs sample to."""
@@ -86,11 +90,16 @@ class NoiseSchedule:
         """x_t = alpha_t x0 + sigma_t noise, for a scalar t or one t per sample (B,)."""
         return _bcast(self.marginal_alpha(t), x0) * x0 + _bcast(self.marginal_sigma(t), x0) * noise
 
+    def training_inputs(self, x0: torch.Tensor, u: torch.Tensor, noise: torch.Tensor):
+        """(x_t, network time) for given uniform time draws u (B,) and noise: what the training loop feeds the net."""
+        t, t_net = self.times_from_uniform(u.to(x0.device))
+        return self.q_sample(x0, t, noise), t_net
+
     def loss(self, model, x0: torch.Tensor, y=None) -> torch.Tensor:
         """Per-sample noise-prediction MSE (B,), mean over C, H, W (official ``LSimple``).
 
-        Draws t, then the noise, from torch's global RNG on x0's device (the official order), so a trainer that
-        checkpoints the RNG state resumes exactly.
+        Draws t (via a uniform u), then the noise, from torch's global RNG on x0's device (the official order), so
+        a trainer that checkpoints the RNG state resumes exactly. ``training_inputs`` is the same with given draws.
         """
         t, t_net = self.train_times(x0.shape[0], x0.device)
         noise = torch.randn_like(x0)
@@ -126,8 +135,8 @@ class VPSchedule(NoiseSchedule):
     def net_time(self, t: Number) -> torch.Tensor:
         return 999.0 * _as_f64(t)  # official ScoreModel.predict: nnet(x, t * 999)
 
-    def train_times(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        t = torch.rand(batch, device=device)  # official sde.sample: t ~ U[0, 1)
+    def times_from_uniform(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = u.float()  # official sde.sample: t ~ U[0, 1)
         return t, 999.0 * t
 
     def default_t_end(self, sampler: str) -> float:
@@ -184,9 +193,10 @@ class DiscreteSchedule(NoiseSchedule):
     def net_time(self, t: Number) -> torch.Tensor:
         return self.num_timesteps * _as_f64(t)  # official eval_ldm_discrete.py: t_continuous * N
 
-    def train_times(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        n = torch.randint(1, self.num_timesteps + 1, (batch,), device=device)  # n uniform in {1..N}
-        return n.double() / self.num_timesteps, n.float()
+    def times_from_uniform(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # n uniform in {1..N} (official Schedule.sample), t = n / N
+        n = (u.double() * self.num_timesteps).floor().clamp(0, self.num_timesteps - 1) + 1
+        return n / self.num_timesteps, n.float()
 
     def default_t_end(self, sampler: str) -> float:
         return 1.0 / self.num_timesteps  # official: DPM-Solver++ from t = 1 to 1/N

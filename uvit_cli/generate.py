@@ -73,7 +73,8 @@ def _check_condition(model, recipe, cond, n: int):
         top = recipe.model.num_classes + int(recipe.model.null_class)  # the null id asks for an unconditional sample
         bad = cond[(cond < 0) | (cond >= top)]
         if len(bad):
-            raise UvitError(f"class id {int(bad[0])} is out of range: this model has classes 0..{recipe.model.num_classes - 1}")
+            raise UvitError(f"class id {int(bad[0])} is out of range: this model has classes "
+                            f"0..{recipe.model.num_classes - 1}")
         return cond.long()
     if cond.dim() != 3 or cond.shape[-1] != recipe.model.text_dim:
         raise UvitError(f"text contexts must be (N, {recipe.model.text_tokens}, {recipe.model.text_dim}), "

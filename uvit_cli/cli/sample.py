@@ -110,9 +110,9 @@ def _progress_bar():
             speed = task.finished_speed or task.speed
             return Text("" if speed is None else f"{speed:.2f} NFE/s")
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("NFE {task.completed}/{task.total}"),
-                    NfeRate(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err_console,
-                    transient=False)
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                    TextColumn("NFE {task.completed}/{task.total}"), NfeRate(), TimeElapsedColumn(), TextColumn("eta"),
+                    TimeRemainingColumn(), console=err_console, transient=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -196,9 +196,11 @@ def sample_cmd(
     kind = recipe.conditioning
     w = recipe.sample.cfg_scale if cfg_scale is None else cfg_scale
     if kind != "text" and prompt_list:
-        raise UvitError(f"--prompt given, but this model is {'class-conditional: pass --class ids or names' if kind == 'class' else 'unconditional: drop --prompt'}")
+        fix = "class-conditional: pass --class ids or names" if kind == "class" else "unconditional: drop --prompt"
+        raise UvitError(f"--prompt given, but this model is {fix}")
     if kind != "class" and classes:
-        raise UvitError(f"--class given, but this model is {'text-conditional: pass --prompt' if kind == 'text' else 'unconditional: drop --class'}")
+        fix = "text-conditional: pass --prompt" if kind == "text" else "unconditional: drop --class"
+        raise UvitError(f"--class given, but this model is {fix}")
     if w != 1.0 and not recipe.has_null_condition:
         raise UvitError(f"--cfg-scale {w:g}: guidance needs a model trained with a null condition (model.null_class "
                         "and train.p_uncond > 0); this one has none, so pass --cfg-scale 1")
