@@ -100,10 +100,10 @@ def test_coco_cache_holds_every_caption_and_the_empty_prompt(tmp_path, vae, text
 
 def test_ranks_split_shards_and_merge_to_the_single_process_result(tmp_path, vae, inet):
     _encode(inet, tmp_path / "one", vae)
-    for rank in (1, 0):
+    for rank in (0, 1):                        # rank 0 first: it writes the config the other ranks wait for
         assert _encode(inet, tmp_path / "two", vae, rank=rank, world_size=2) is None
-        if rank == 1:
-            assert finalize(tmp_path / "two") is None       # rank 0's shards are still missing
+        if rank == 0:
+            assert finalize(tmp_path / "two") is None       # rank 1's shards are still missing
     finalize(tmp_path / "two")
     assert _files(tmp_path / "one") == _files(tmp_path / "two")
 
@@ -192,3 +192,25 @@ def test_recipe_check_for_text_models(tmp_path, vae, text):
         check_latents_against_recipe(tmp_path / "c", replace(ok, model={"text_dim": 768}))
     json.dumps(open_latents(tmp_path / "c").manifest)   # plain JSON all the way
     assert Image is not None
+
+
+def test_reader_keeps_a_bounded_number_of_shards_open(tmp_path, vae, inet):
+    _encode(inet, tmp_path / "c", vae, shard_size=2)
+    ds = open_latents(tmp_path / "c")
+    ref = [ds[i][0].clone() for i in range(len(ds))]
+    fresh = open_latents(tmp_path / "c")
+    fresh.MAX_OPEN = 2
+    for i in list(range(len(ds)))[::-1] + list(range(len(ds))):
+        assert torch.equal(fresh[i][0], ref[i])
+        assert len(fresh._handles) <= 2
+
+
+def test_bench_encode_reports_both_throughputs(tmp_path, vae):
+    from uvit_cli.data.encode_benchmark import bench_encode
+
+    r = bench_encode(vae, resolution=32, batch_size=2, num_batches=2, num_workers=0, image_size=(40, 30),
+                     workdir=tmp_path)
+    assert r["images"] == 6 and r["vae"] == "tiny-vae" and r["flips"] is True
+    assert r["encoder_images_per_s"] > 0 and r["pipeline_images_per_s"] > 0
+    assert r["ratio"] == pytest.approx(r["pipeline_images_per_s"] / r["encoder_images_per_s"], rel=1e-2)
+    assert not any(tmp_path.iterdir())         # the synthetic images and cache are removed

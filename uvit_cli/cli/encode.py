@@ -141,6 +141,9 @@ def encode_cmd(
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and world > 1:
         device = f"cuda:{local_rank}"
+    if str(device).startswith("cuda"):
+        torch.backends.cudnn.deterministic = True   # same conv algorithms on a rerun: resumed shards match bit for bit
+        torch.backends.cudnn.benchmark = False
     if world > 1:
         import datetime
 

@@ -64,6 +64,17 @@ def _settle_config(out: Path, config: dict) -> dict:
     return config
 
 
+def _wait_for(path: Path, timeout_s: float = 3600.0) -> None:
+    """Wait until rank 0 has written ``path`` (ranks start at slightly different times)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise UvitError(f"{path} did not appear within {timeout_s:.0f} s: did rank 0 fail? See its log")
+        time.sleep(0.2)
+
+
 def _write_null_context(out: Path, text) -> None:
     from safetensors.torch import save_file
 
@@ -143,12 +154,15 @@ def encode_latents(source, out: str | Path, vae, text=None, *, resolution: int, 
     if config["items"] == 0:
         raise UvitError(f"{source.location} has no items to encode")
     out.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
+    if rank == 0:                        # rank 0 prepares the directory; the others wait for its config
         for p in out.glob(".*.tmp"):     # temporaries of a killed run (config, null context, manifest)
             p.unlink(missing_ok=True)
-    config = _settle_config(out, config)
-    if text is not None and rank == 0:
-        _write_null_context(out, text)
+        config = _settle_config(out, config)
+        if text is not None:
+            _write_null_context(out, text)
+    else:
+        _wait_for(out / L.CONFIG)
+        config = _settle_config(out, config)
     n, S = config["items"], shard_size
     done = L.completed_shards(out, config["num_shards"])
     mine = [s for s in range(config["num_shards"]) if s % world_size == rank and s not in done]

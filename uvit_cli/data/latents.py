@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +205,8 @@ class LatentDataset(torch.utils.data.Dataset):
     With flips stored, item 2j is image j and item 2j + 1 its mirror (the official cache holds both).
     """
 
+    MAX_OPEN = 64
+
     def __init__(self, root: str | Path):
         from safetensors import safe_open
 
@@ -231,19 +234,24 @@ class LatentDataset(torch.utils.data.Dataset):
             from safetensors.torch import load_file
 
             self.null_context = load_file(str(self.root / NULL_CONTEXT))["context"]
-        self._handles: dict = {}
+        self._handles: OrderedDict = OrderedDict()
         self._pid = None
 
     def __len__(self) -> int:
         return self._starts[-1] * (2 if self.flips else 1)
 
     def _handle(self, s: int):
+        """An open shard; at most MAX_OPEN per process (ImageNet has ~1,300 shards), reopened per worker."""
         from safetensors import safe_open
 
         if self._pid != os.getpid():            # DataLoader workers open their own handles
-            self._handles, self._pid = {}, os.getpid()
-        if s not in self._handles:
+            self._handles, self._pid = OrderedDict(), os.getpid()
+        if s in self._handles:
+            self._handles.move_to_end(s)
+        else:
             self._handles[s] = safe_open(str(self._files[s]), framework="pt")
+            if len(self._handles) > self.MAX_OPEN:
+                self._handles.popitem(last=False)
         return self._handles[s]
 
     def __getitem__(self, index):

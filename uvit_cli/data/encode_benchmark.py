@@ -1,0 +1,114 @@
+"""Benchmark: is the encode pipeline (JPEG decode, crop, VAE encode, shard write) as fast as the VAE encoder alone?
+
+The target is >= 90% of the encoder's own forward throughput on the same device and batch: data loading must
+never starve the encoder. Both numbers count source images per second (with flips, each batch runs 2 x batch).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+# A small VAE with the SD layout (4 levels, f=8) for quick pipeline checks.
+TINY_BENCH_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+                      block_out_channels=(16, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                      up_block_types=("UpDecoderBlock2D",) * 4)
+
+
+def synthetic_jpeg_tree(root: Path, n: int, size=(500, 375), classes: int = 4, seed: int = 0) -> Path:
+    """``root/train/<wnid>/*.JPEG``: smooth random images of ImageNet's typical size (natural-image file sizes)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        d = root / "train" / f"n{i % classes:08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        low = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+        arr = np.clip(np.asarray(low, np.float32) + rng.normal(0, 6, (size[1], size[0], 3)), 0, 255)
+        Image.fromarray(arr.astype(np.uint8)).save(d / f"img_{i:05d}.JPEG", quality=90)
+    return root
+
+
+def _encoder_throughput(vae, batch: torch.Tensor, flips: bool, repeats: int, precision: str) -> float:
+    """Source images per second of the VAE encoder alone on a ready batch."""
+    from contextlib import nullcontext
+
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    ctx = torch.autocast(vae.device.type, dtype=amp) if amp else nullcontext()
+    x = torch.cat([batch, batch.flip(-1)]) if flips else batch
+
+    def step():
+        with torch.no_grad(), ctx:
+            vae.encode_moments(x).float().to(torch.float16).cpu()
+
+    step()                                        # warm-up
+    if vae.device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    if vae.device.type == "cuda":
+        torch.cuda.synchronize()
+    return repeats * batch.shape[0] / (time.perf_counter() - t)
+
+
+def bench_encode(vae="tiny", *, resolution: int = 256, batch_size: int = 16, num_batches: int = 4,
+                 num_workers: int | None = None, device: str = "cpu", precision: str = "fp32", flips: bool = True,
+                 image_size=(500, 375), workdir: str | Path | None = None, progress=None) -> dict:
+    """Encoder-alone vs whole-pipeline throughput (source images/s) on synthetic ImageNet-sized JPEGs.
+
+    ``vae``: "tiny", "sd" (the SD VAE architecture, random weights) or an Autoencoder. The pipeline rate is taken
+    after its first batch (worker start-up excluded); its wall time including start-up is reported too.
+    """
+    from ..autoencoder import SD_VAE_CONFIG, Autoencoder
+    from .encoding import encode_latents
+    from .images import adm_center_crop, open_imagenet
+
+    name = vae if isinstance(vae, str) else vae.name
+    if isinstance(vae, str):
+        torch.manual_seed(0)
+        config = {"tiny": TINY_BENCH_VAE, "sd": SD_VAE_CONFIG}[vae]
+        vae = Autoencoder.from_config(config, 0.18215, name=f"{vae} (random weights)")
+    vae.vae.to(device)
+    num_workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
+    n = batch_size * (num_batches + 1)            # one extra batch: the pipeline's warm-up
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        tmp = Path(tmp)
+        synthetic_jpeg_tree(tmp / "src", n, image_size)
+        source = open_imagenet(str(tmp / "src"), "train")
+        crops = [adm_center_crop(source.load(i)[0], resolution) for i in range(batch_size)]
+        batch = torch.tensor(np.stack(crops)).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+        enc_before = _encoder_throughput(vae, batch, flips, num_batches, precision)
+        stamps = []
+
+        def tick(done, total):
+            stamps.append((time.perf_counter(), done))
+            if progress:
+                progress(done, total)
+
+        t0 = time.perf_counter()
+        encode_latents(source, tmp / "out", vae, None, resolution=resolution, crop="adm_center", flips=flips,
+                       batch_size=batch_size, shard_size=n, num_workers=num_workers, precision=precision,
+                       progress=tick)
+        wall = time.perf_counter() - t0
+        # measured before and after the pipeline, so that a drift in machine load shows up in both numbers
+        enc_after = _encoder_throughput(vae, batch, flips, num_batches, precision)
+    enc = (enc_before + enc_after) / 2
+    (t1, d1), (t2, d2) = stamps[0], stamps[-1]
+    pipe = (d2 - d1) / (t2 - t1)
+    result = {"vae": name, "device": str(torch.device(device)), "resolution": resolution, "batch_size": batch_size,
+              "flips": flips, "num_workers": num_workers, "precision": precision, "torch_threads":
+              torch.get_num_threads(), "images": n, "encoder_images_per_s": round(enc, 3),
+              "encoder_before_after": [round(enc_before, 3), round(enc_after, 3)],
+              "pipeline_images_per_s": round(pipe, 3), "ratio": round(pipe / enc, 3),
+              "pipeline_wall_s": round(wall, 2)}
+    log.info("encode benchmark: %s", result)
+    return result
