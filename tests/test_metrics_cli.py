@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +136,60 @@ def test_cli_inception_metrics_end_to_end(tmp_path, monkeypatch):
     np.savez(tmp_path / "small.npz", smooth_images(6, 8, 2))
     with pytest.raises(Exception, match="score both sets at one resolution"):
         evaluate(tmp_path / "small.npz", tmp_path / "st.npz", metrics="precision")
+
+
+# ---------------------------------------------------------------- scoring a model (the trainer's monitor, runs)
+
+def _digits_recipe(steps=4):
+    from uvit_cli.recipe import load_recipe
+
+    return load_recipe("digits_uvit_tiny", [f"sample.steps={steps}", "sample.sampler=dpm_solver_pp_2m"])
+
+
+def test_evaluate_model_digits_protocol_and_batch_independence(classifier):
+    from uvit_cli.build import build_model
+    from uvit_cli.metrics import evaluate_model
+
+    recipe = _digits_recipe()
+    torch.manual_seed(0)
+    model = build_model(recipe)
+    with D.one_thread():  # a tiny model: avoids thread oversubscription on busy 2-core CI machines
+        a = evaluate_model(model, recipe, num_samples=24, batch_size=24, seed=3)
+        b = evaluate_model(model, recipe, num_samples=24, batch_size=8, seed=3)
+    assert set(a) == {"fd_digits", "acc_digits", "protocol"}
+    assert a["fd_digits"] == pytest.approx(b["fd_digits"], rel=1e-6)  # per-sample seeds: batch size is irrelevant
+    assert a["acc_digits"] == b["acc_digits"]
+    card = a["protocol"]
+    assert card["count"] == 24 and card["guidance_w"] == 2.0 and card["weights"] == "ema"
+    assert card["sampler"] == "dpm_solver_pp_2m" and card["steps"] == 4 and card["nfe"] == 4
+    assert card["class_sampling"] == "balanced" and card["seeds"].startswith("3..26")
+    assert model.training  # the caller's mode is restored
+
+
+def test_uvit_fid_on_a_run_directory_samples_then_scores(tmp_path, monkeypatch, classifier):
+    from uvit_cli.build import build_model
+    from uvit_cli.checkpoint import RUN_EMA, save_weights
+    from uvit_cli.recipe import dump_recipe
+    from uvit_cli.run import write_recipe
+
+    recipe = _digits_recipe(steps=3)
+    run = tmp_path / "runs" / "00000-digits-U-ViT-Tiny2"
+    run.mkdir(parents=True)
+    write_recipe(run, recipe)
+    save_weights(run / RUN_EMA, build_model(recipe).state_dict(), dump_recipe(recipe), kind="ema")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _invoke_main(["fid", "--num-samples", "30", "--json", "r.json"])  # bare: the latest run
+    assert code == 0, err + out
+    r = json.loads((tmp_path / "r.json").read_text())
+    files = list((run / "eval").glob("samples_digits_30_*.npz"))
+    assert len(files) == 1 and not list((run / "eval").glob("*.parts"))
+    with np.load(files[0]) as z:
+        assert z["arr_0"].shape == (30, 8, 8, 1) and (z["arr_1"] == np.arange(30) % 10).all()
+    assert set(r["metrics"]) == {"fd_digits", "acc_digits"}
+    card = r["protocol"]
+    assert card["checkpoint_sha256"] and card["weights"] == "ema" and Path(card["samples_file"]).resolve() == files[0]
+    mtime = files[0].stat().st_mtime_ns
+    code, _, err = _invoke_main(["fid", str(run), "--num-samples", "30", "--json", "r2.json"])
+    assert code == 0, err
+    assert files[0].stat().st_mtime_ns == mtime  # the kept samples were reused, not redrawn
+    assert json.loads((tmp_path / "r2.json").read_text())["metrics"] == r["metrics"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -73,8 +74,25 @@ def to_input(images) -> torch.Tensor:
     return torch.from_numpy(a.astype(np.float32)).div(127.5).sub(1.0)[:, None]
 
 
+@contextmanager
+def one_thread():
+    """Run a tiny network on one CPU thread: as fast, immune to oversubscribed cores (where multi-threaded small
+    ops slow down by 10-50x), and bit-reproducible whatever the caller's thread setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_classifier(seed: int = SEED, epochs: int = EPOCHS) -> DigitsClassifier:
     """Train on all 1,797 digits with +-1 pixel shifts and light noise (so features are not brittle); deterministic."""
+    with one_thread():
+        return _train(seed, epochs)
+
+
+def _train(seed: int, epochs: int) -> DigitsClassifier:
     from ..data.digits import load_digits_uint8
 
     images, labels = load_digits_uint8()
@@ -132,10 +150,11 @@ def digits_outputs(model: DigitsClassifier, images, batch_size: int = 1024) -> t
     """(features (N, 64) float64, predicted classes (N,)) for uint8 digit images."""
     x = to_input(images)
     feats, preds = [], []
-    for i in range(0, len(x), batch_size):
-        f, logits = model(x[i:i + batch_size])
-        feats.append(f.double().numpy())
-        preds.append(logits.argmax(1).numpy())
+    with one_thread():
+        for i in range(0, len(x), batch_size):
+            f, logits = model(x[i:i + batch_size])
+            feats.append(f.double().numpy())
+            preds.append(logits.argmax(1).numpy())
     return np.concatenate(feats), np.concatenate(preds)
 
 

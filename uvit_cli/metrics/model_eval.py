@@ -35,19 +35,12 @@ def class_labels(recipe, n: int, seed: int = 0) -> Optional[np.ndarray]:
 
 
 def nfe(recipe) -> Optional[int]:
-    """Network evaluations per sample for the recipe's sampler, when the sampling module can say."""
+    """Network evaluations per sample for the recipe's sampler (a guided evaluation is one cond+uncond batch)."""
     try:
-        from .. import sampling
+        from ..generate import nfe_per_sample
     except ImportError:
         return None
-    for name in ("nfe", "count_nfe", "sampler_nfe"):
-        fn = getattr(sampling, name, None)
-        if callable(fn):
-            try:
-                return int(fn(recipe))
-            except Exception:  # noqa: BLE001 - the card then says "unknown"
-                return None
-    return None
+    return int(nfe_per_sample(recipe))
 
 
 def sampling_card(recipe, *, num_samples: int, seed: int, weights: str = "ema", checkpoint: str | None = None,
@@ -104,8 +97,9 @@ def evaluate_model(model, recipe, *, num_samples: int, device: str = "cpu", prec
                              decoder=_decoder(recipe, device, decoder), progress=progress)
     finally:
         model.train(was_training)
+    images = images.cpu().numpy() if hasattr(images, "cpu") else np.asarray(images)
     card = sampling_card(recipe, num_samples=num_samples, seed=seed, weights=weights, precision=precision)
-    result = evaluate(ArraySource(np.asarray(images), labels, name="in-memory samples"), recipe.eval.ref or None,
+    result = evaluate(ArraySource(images, labels, name="in-memory samples"), recipe.eval.ref or None,
                       metrics=recipe.eval.metrics, mode=recipe.eval.mode, batch_size=recipe.eval.batch_size,
                       device=str(device), protocol=card)
     return {**result.metrics, "protocol": result.protocol}
@@ -135,6 +129,7 @@ def sample_for_eval(model, recipe, out: str | Path, num_samples: int, *, meta: d
         cond = None if labels is None else torch.from_numpy(labels[start:stop])
         images = generate(model, recipe, list(range(seed + start, seed + stop)), cond, batch_size=batch_size,
                           device=device, precision=precision, decoder=decoder)
-        return np.asarray(images), None if labels is None else labels[start:stop]
+        images = images.cpu().numpy() if hasattr(images, "cpu") else np.asarray(images)
+        return images, None if labels is None else labels[start:stop]
 
     return sample_to_npz(out, num_samples, make, meta=meta, chunk=chunk, progress=progress)
