@@ -154,3 +154,10 @@ def test_features_and_fid_match_pytorch_fid_and_clean_fid(torch_home, tmp_path):
     # pytorch-fid's; the symmetric eigen form is used here to save a third 2048x2048 sqrtm).
     fid_clean = frechet_distance(*stats(clean_a), *stats(clean_b), method="eigh")
     assert fid_clean == pytest.approx(fid_pfid, rel=1e-3)
+
+
+def test_bench_features_reports_throughput(torch_home):
+    from uvit_cli.metrics.benchmark import bench_features
+
+    r = bench_features(num_images=2, resolution=16, batch_size=2, compare=False)
+    assert r["uvit_img_s"] > 0 and r["uvit_exact_img_s"] > 0 and r["weights"].endswith(WEIGHTS_FILE)

@@ -83,9 +83,10 @@ def preprocess(batch, mode: str = "pytorch_fid", device: str | torch.device = "c
         raise UvitError(f"the Inception metrics need RGB images (3 channels), got {batch.shape[-1]}; for the "
                         "built-in digits use --mode digits")
     if mode == "clean":
-        x = torch.from_numpy(_clean_resize(batch)).to(device).permute(0, 3, 1, 2)
+        x = torch.from_numpy(_clean_resize(batch)).to(device).permute(0, 3, 1, 2).contiguous()
         return (x - 128) / 128
-    x = torch.from_numpy(np.require(batch, requirements=("C", "W"))).to(device).permute(0, 3, 1, 2)
+    # NCHW-contiguous like torchvision's ToTensor, so the unfused network runs exactly pytorch-fid's kernels.
+    x = torch.from_numpy(np.require(batch, requirements=("C", "W"))).to(device).permute(0, 3, 1, 2).contiguous()
     if mode == "pytorch_fid":
         # Same op order as pytorch-fid: ToTensor (/255), interpolate, then 2x - 1.
         x = x.float().div(255)

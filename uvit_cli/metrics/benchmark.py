@@ -1,0 +1,138 @@
+"""Feature-extraction throughput against pytorch-fid and clean-fid (legacy_pytorch) on the same images and weights.
+
+A benchmark, not a test: ``uvit bench`` calls :func:`bench_features`. Each pipeline reads the same PNG folder end
+to end (decode, resize, Inception), after one warm-up batch; model loading is not timed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .features import FeatureExtractor
+from .inception import WEIGHTS_FILE, find_inception_weights, load_fid_inception, random_state_dict
+from .sources import FolderSource
+
+log = logging.getLogger(__name__)
+
+
+def _images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Structured uint8 test images (blocky noise plus gradients)."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(0, 255, (n, size // 4 + 1, size // 4 + 1, 3)).repeat(4, 1).repeat(4, 2)[:, :size, :size]
+    return np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8)
+
+
+@contextmanager
+def _torch_home(weights: Path):
+    """Point torch hub (and so pytorch-fid / clean-fid) at a directory holding ``weights`` under its usual name."""
+    with tempfile.TemporaryDirectory() as d:
+        target = Path(d) / "hub" / "checkpoints" / WEIGHTS_FILE
+        target.parent.mkdir(parents=True)
+        try:
+            os.symlink(Path(weights).resolve(), target)
+        except OSError:
+            shutil.copy(weights, target)
+        old = os.environ.get("TORCH_HOME")
+        os.environ["TORCH_HOME"] = d
+        try:
+            yield Path(torch.hub.get_dir()) == Path(d) / "hub"
+        finally:
+            if old is None:
+                os.environ.pop("TORCH_HOME", None)
+            else:
+                os.environ["TORCH_HOME"] = old
+
+
+def _timed(fn, n: int) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return n / (time.perf_counter() - t0), out
+
+
+def bench_features(num_images: int = 64, resolution: int = 64, batch_size: int = 32, device: str = "cpu",
+                   weights: Optional[str | Path] = None, compare: bool = True, num_workers: int = 0) -> dict:
+    """Images/s of our extractor (BN folded, and ``exact``) vs pytorch-fid and clean-fid legacy_pytorch.
+
+    Uses the real FID Inception weights when found (``weights`` / $UVIT_INCEPTION_WEIGHTS / hub cache), else a
+    random-weight network of the same shape (timing is the same). ``num_workers`` goes to the baselines'
+    DataLoaders (ours decodes in one background thread).
+    """
+    dev = torch.device(device)
+    result = {"images": num_images, "resolution": resolution, "batch_size": batch_size, "device": str(dev),
+              "threads": torch.get_num_threads(), "baseline_num_workers": num_workers}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        try:
+            wpath = find_inception_weights(weights)
+            result["weights"] = str(wpath)
+        except Exception:  # noqa: BLE001 - timing does not need the real weights
+            wpath = tmp / WEIGHTS_FILE
+            torch.save(random_state_dict(0), wpath)
+            result["weights"] = "random (real weights not found; timing is unaffected)"
+        from PIL import Image
+
+        folder = tmp / "images"
+        folder.mkdir()
+        for i, img in enumerate(_images(num_images, resolution)):
+            Image.fromarray(img).save(folder / f"{i:05d}.png")
+        files = sorted(str(p) for p in folder.iterdir())
+        warm = _images(min(batch_size, num_images), resolution, seed=1)
+
+        feats = {}
+        for name, exact in (("uvit", False), ("uvit_exact", True)):
+            ext = FeatureExtractor(load_fid_inception(wpath, device=dev, exact=exact), "pytorch_fid", dev, batch_size)
+            ext.run(warm)
+            rate, out = _timed(lambda: ext.extract(FolderSource(folder), want=("pool", "spatial", "is"),
+                                                   keep_pool=True), num_images)
+            result[f"{name}_img_s"] = rate
+            feats[name] = out.pool_features
+        if compare:
+            _baselines(result, feats, wpath, files, folder, batch_size, dev, num_workers, warm, num_images)
+    if "pytorch_fid_img_s" in result:
+        result["speedup_vs_pytorch_fid"] = result["uvit_img_s"] / result["pytorch_fid_img_s"]
+    if "clean_fid_img_s" in result:
+        result["speedup_vs_clean_fid"] = result["uvit_img_s"] / result["clean_fid_img_s"]
+    return result
+
+
+def _baselines(result, feats, wpath, files, folder, batch_size, dev, num_workers, warm, n) -> None:
+    with _torch_home(wpath) as ok:
+        if not ok:
+            result["baseline_note"] = "torch.hub.set_dir() is in effect; baselines skipped"
+            return
+        try:
+            from pytorch_fid.fid_score import get_activations
+            from pytorch_fid.inception import InceptionV3
+
+            model = InceptionV3([3]).to(dev).eval()
+            with torch.no_grad():
+                model(torch.from_numpy(warm).permute(0, 3, 1, 2).float().div(255).to(dev))
+            rate, pf = _timed(lambda: get_activations(files, model, batch_size, 2048, dev, num_workers), n)
+            result["pytorch_fid_img_s"] = rate
+            scale = float(np.abs(pf).max())
+            result["max_rel_diff_vs_pytorch_fid"] = float(np.abs(feats["uvit"] - pf).max()) / scale
+            result["max_rel_diff_exact_vs_pytorch_fid"] = float(np.abs(feats["uvit_exact"] - pf).max()) / scale
+        except ImportError:
+            result["pytorch_fid_img_s"] = None
+        try:
+            from cleanfid.features import build_feature_extractor
+            from cleanfid.fid import get_folder_features
+
+            model = build_feature_extractor("legacy_pytorch", dev, use_dataparallel=False)
+            model(torch.zeros(len(warm), 3, 299, 299, device=dev))
+            rate, _ = _timed(lambda: get_folder_features(str(folder), model, num_workers=num_workers,
+                                                         batch_size=batch_size, device=dev, mode="legacy_pytorch",
+                                                         verbose=False), n)
+            result["clean_fid_img_s"] = rate
+        except ImportError:
+            result["clean_fid_img_s"] = None
