@@ -290,9 +290,9 @@ def test_cli_text_model_encodes_prompts_and_decodes_latents(tmp_path, capsys, mo
     ck = _ckpt(tmp_path, latent_text_recipe())
     enc, dec = StubTextEncoder(), StubDecoder()
     loaded = {}
-    monkeypatch.setattr(cli_sample, "_load_text_encoder", lambda spec, device: loaded.setdefault("clip", spec) and enc)
+    monkeypatch.setattr(cli_sample, "_load_text_encoder", lambda spec, device, allow: loaded.setdefault("clip", spec) and enc)
     monkeypatch.setattr(cli_sample, "_load_decoder",
-                        lambda spec, sf, device: loaded.setdefault("vae", (spec, sf)) and dec)
+                        lambda spec, sf, device, allow: loaded.setdefault("vae", (spec, sf)) and dec)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red bus\n\na green tree\n")
     code, out = _run(["sample", str(ck), "--prompt", "a cat", "--prompts-file", str(prompts), "--seeds", "0-3",
@@ -318,10 +318,21 @@ def test_cli_long_prompt_is_truncated_with_a_warning(tmp_path, capsys, monkeypat
     tower = build_text_tower({"embed_dim": 16, "text_cfg": {"width": 16, "heads": 2, "layers": 1}})
     enc = TextEncoder(tower, SimpleTokenizer(context_length=77), name="tiny")
     ck = _ckpt(tmp_path, latent_text_recipe())
-    monkeypatch.setattr(cli_sample, "_load_text_encoder", lambda spec, device: enc)
-    monkeypatch.setattr(cli_sample, "_load_decoder", lambda spec, sf, device: StubDecoder())
+    monkeypatch.setattr(cli_sample, "_load_text_encoder", lambda spec, device, allow: enc)
+    monkeypatch.setattr(cli_sample, "_load_decoder", lambda spec, sf, device, allow: StubDecoder())
     with caplog.at_level(logging.WARNING):
         code, out = _run(["sample", str(ck), "--prompt", "a photo of a cat " * 30, "--n", "1",
                           "--out", str(tmp_path / "g.png")], capsys)
     assert code == 0, out
     assert "truncated" in caplog.text + out
+
+
+def test_cli_missing_vae_names_the_model_and_the_local_path_option(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("UVIT_ALLOW_DOWNLOAD", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    r = recipe_from_dict({"name": "tiny_latent", "model": {**TINY, "img_size": 4, "in_chans": 4, "num_classes": 5},
+                          "data": {"name": "latents", "vae": "stabilityai/sd-vae-ft-ema"}})
+    code, out = _run(["sample", str(_ckpt(tmp_path, r)), "--n", "1", "--out", str(tmp_path / "g.png")], capsys)
+    assert code == 2 and "Traceback" not in out
+    assert "stabilityai/sd-vae-ft-ema" in out and "--vae" in out

@@ -81,16 +81,16 @@ def _class_label(k: int, num_classes: int) -> str:
 
 
 # Loading seams (tests replace them with tiny stand-ins).
-def _load_decoder(spec: str, scale_factor: float, device):
+def _load_decoder(spec: str, scale_factor: float, device, allow_download: bool | None = None):
     from ..autoencoder import load_autoencoder
 
-    return load_autoencoder(spec, scale_factor, device)
+    return load_autoencoder(spec, scale_factor, device, allow_download=allow_download)
 
 
-def _load_text_encoder(spec: str, device):
+def _load_text_encoder(spec: str, device, allow_download: bool | None = None):
     from ..text import load_text_encoder
 
-    return load_text_encoder(spec, device)
+    return load_text_encoder(spec, device, allow_download=allow_download)
 
 
 def _device(device: str) -> str:
@@ -168,6 +168,9 @@ def sample_cmd(
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="CLIP text encoder id or local path "
                                                "for text models (default: the recipe's data.text_encoder)",
                                                rich_help_panel="I/O"),
+    allow_download: Optional[bool] = typer.Option(None, "--allow-download", help="let a missing VAE or text "
+                                                   "encoder download from the hub (default: UVIT_ALLOW_DOWNLOAD)",
+                                                   rich_help_panel="I/O"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
 ) -> None:
     """Draw samples from a run directory or checkpoint: a labelled grid, a PNG per seed, or an ADM .npz.
@@ -216,7 +219,7 @@ def sample_cmd(
     elif kind == "text":
         if not prompt_list:
             raise UvitError("this model is text-conditional: pass --prompt TEXT or --prompts-file FILE")
-        encoder = _load_text_encoder(text_encoder or recipe.data.text_encoder, device)
+        encoder = _load_text_encoder(text_encoder or recipe.data.text_encoder, device, allow_download)
         per_seed = [prompt_list[i % len(prompt_list)] for i in range(len(seeds))]
         unique = list(dict.fromkeys(per_seed + ([""] if w != 1.0 else [])))
         feats = encoder.encode(unique).float().cpu()
@@ -228,7 +231,7 @@ def sample_cmd(
         captions = [f"seed {s}" for s in seeds]
     decoder = None
     if recipe.is_latent:
-        decoder = _load_decoder(vae or recipe.data.vae, recipe.data.scale_factor, device)
+        decoder = _load_decoder(vae or recipe.data.vae, recipe.data.scale_factor, device, allow_download)
 
     nfe = nfe_per_sample(recipe, sampler, steps)
     stats: dict = {}
