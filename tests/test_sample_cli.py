@@ -336,3 +336,12 @@ def test_cli_missing_vae_names_the_model_and_the_local_path_option(tmp_path, cap
     code, out = _run(["sample", str(_ckpt(tmp_path, r)), "--n", "1", "--out", str(tmp_path / "g.png")], capsys)
     assert code == 2 and "Traceback" not in out
     assert "stabilityai/sd-vae-ft-ema" in out and "--vae" in out
+
+
+def test_bench_guided_sampling_runs_both_paths_at_equal_nfe():
+    from uvit_cli.bench_sampling import bench_guided_sampling
+
+    r = bench_guided_sampling(class_recipe(), batch=2, steps=3, repeats=1)
+    assert r["nfe"] == 3 and r["baseline_s"] > 0 and r["fast_s"] > 0 and "batched_fp32_s" in r
+    assert r["speedup"] == pytest.approx(r["baseline_s"] / r["fast_s"])
+    assert r["eps_rel_err"] < 0.05 and r["sample_rel_err"] < 0.05  # bf16: a few x 2^-8
