@@ -125,16 +125,17 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
     if t.batch_size % (world * t.grad_accum):
         raise UvitError(f"train.batch_size {t.batch_size} does not split over {world} ranks x {t.grad_accum} "
                         "accumulation steps; pick a batch size divisible by their product")
-    torch.manual_seed(t.seed * world + rank)  # per-rank seeds (DiT convention); the data stream is seeded apart
-    random.seed(t.seed * world + rank)
 
     # Data: a seeded stream over the source, so a step's batch is a function of the step alone.
     source = build_source(recipe)
     check_data_fits_model(recipe, source)
     stream = build_stream(recipe, source)
 
-    # Model, EMA, optimizer, LR schedule, loss scaler, diffusion.
+    # Model (the same initial weights whatever the world size), EMA, optimizer, LR schedule, loss scaler, diffusion.
+    torch.manual_seed(t.seed)
     model = build_model(recipe).to(dev)
+    torch.manual_seed(t.seed * world + rank)  # per-rank seeds (DiT convention); the data stream is seeded apart
+    random.seed(t.seed * world + rank)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     fused = dev.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
@@ -194,7 +195,7 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
             save_weights(run_dir / RUN_RAW, model.state_dict(), yaml, step=step, weights="raw")
         dist.barrier()
 
-    it = iter(loader)
+    it, grid_cache = iter(loader), {}
     model.train()
     window_loss = torch.zeros((), device=dev)
     nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
@@ -248,7 +249,7 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
         if done % t.save_every == 0 or done == t.steps:
             checkpoint(done)
         if main and t.sample_every and (done % t.sample_every == 0 or done == t.steps):
-            _sample_grid(ema, recipe, run_dir, done, dev, source)
+            _sample_grid(ema, recipe, run_dir, done, dev, source, grid_cache)
         if main and t.eval_every and done % t.eval_every == 0:
             metrics.write({"step": done, **_monitor(ema, recipe, dev)})
         if progress is not None:
@@ -259,12 +260,45 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
     return run_dir
 
 
-def _sample_grid(ema, recipe: Recipe, run_dir: Path, step: int, device, source) -> None:
-    """A guided grid of the EMA model with fixed seeds (never fatal: a missing decoder only skips it)."""
-    try:
-        from .grids import training_grid
+GRID_IMAGENET_CLASSES = (88, 207, 279, 360, 387, 417, 812, 980, 33, 130, 292, 928, 972, 985, 1, 250)
 
-        path = training_grid(ema, recipe, run_dir / "samples" / f"step-{step:08d}.png", device, source)
+
+def training_grid(ema, recipe: Recipe, path: Path, device, source, cache: dict) -> Path:
+    """A guided sample grid of the EMA model with fixed seeds and conditions, so grids compare across steps."""
+    from .generate import generate
+    from .images import save_grid
+
+    m, cond, labels = recipe.model, None, None
+    if m.num_classes > 0:
+        classes = list(range(m.num_classes)) if m.num_classes <= 10 else list(GRID_IMAGENET_CLASSES)
+        per = 8 if m.num_classes <= 10 else 1
+        ids = [c for _ in range(per) for c in classes]
+        cond = torch.tensor(ids)
+        labels = [str(c) for c in ids]
+    elif m.text_dim > 0:
+        cond = torch.stack([source.get(i, caption=0)[1] for i in range(min(8, len(source)))])
+    n = len(cond) if cond is not None else 16
+    decoder = None
+    if recipe.data.name == "latents":
+        if "decoder" not in cache:
+            from .autoencoder import load_autoencoder
+
+            try:
+                cache["decoder"] = load_autoencoder(recipe.data.vae, recipe.data.scale_factor, device)
+            except UvitError as e:
+                cache["decoder"] = e
+        if isinstance(cache["decoder"], UvitError):
+            raise cache["decoder"]
+        decoder = cache["decoder"]
+    images = generate(ema, recipe, list(range(n)), cond, device=device, decoder=decoder,
+                      null_context=getattr(source, "null_context", None))
+    return save_grid(images, path, labels=labels, ncols=min(n, 10 if m.num_classes <= 10 else 8))
+
+
+def _sample_grid(ema, recipe: Recipe, run_dir: Path, step: int, device, source, cache: dict) -> None:
+    """Draw the training grid; never fatal (a missing VAE only skips it, with a warning)."""
+    try:
+        path = training_grid(ema, recipe, run_dir / "samples" / f"step-{step:08d}.png", device, source, cache)
         log.info("sample grid: %s", path)
     except UvitError as e:
         log.warning("no sample grid at step %d: %s", step, e)

@@ -1,0 +1,197 @@
+"""Training: the loss falls, exact resume after a real kill -9, DDP equals one process, accumulation, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from uvit_cli.checkpoint import list_states, load_latest_state
+from uvit_cli.errors import UvitError
+from uvit_cli.recipe import load_recipe
+from uvit_cli.run import read_metrics
+from uvit_cli.train import train
+
+TINY = ["model.num_layers=3", "model.embed_dim=32", "model.num_heads=2", "train.batch_size=32",
+        "train.sample_every=0", "train.log_every=1", "train.warmup_steps=5", "data.num_workers=0"]
+
+
+def tiny_recipe(*extra):
+    return load_recipe("digits_uvit_tiny", TINY + list(extra))
+
+
+def _env():
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _uvit(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "uvit_cli", *args], capture_output=True, text=True, env=_env(), **kw)
+
+
+def _state(run_dir):
+    state, _ = load_latest_state(run_dir)
+    return state
+
+
+def _assert_same_state(a, b, atol=0.0):
+    assert a["step"] == b["step"]
+    for key in ("model", "ema"):
+        for k in a[key]:
+            torch.testing.assert_close(a[key][k], b[key][k], atol=atol, rtol=0, msg=f"{key}.{k}")
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(pa[k], pb[k], atol=atol, rtol=0)
+
+
+def test_loss_falls_clearly_on_digits(tmp_path):
+    """A much shorter version of the README's main job: the loss falls clearly and the run dir is complete."""
+    r = load_recipe("digits_uvit_tiny", ["train.steps=150", "train.batch_size=64", "train.log_every=10",
+                                         "train.save_every=150", "train.sample_every=150", "sample.steps=5"])
+    train(r, tmp_path, device="cpu")
+    losses = [m["loss"] for m in read_metrics(tmp_path)]
+    assert len(losses) == 15
+    assert losses[-1] < 0.6 * losses[0], losses
+    for name in ("recipe.yaml", "metrics.jsonl", "ema.safetensors", "model.safetensors",
+                 "samples/step-00000150.png"):
+        assert (tmp_path / name).exists(), name
+    assert load_recipe(tmp_path / "recipe.yaml") == r
+    rec = read_metrics(tmp_path)[-1]
+    assert {"lr", "grad_norm", "img_per_s", "peak_mem_gb"} <= set(rec)
+
+
+def test_resume_after_kill_is_bit_exact(tmp_path):
+    """N steps straight == N/2 steps, kill -9, resume: weights, EMA, optimizer state and losses bit for bit."""
+    n = 40
+    common = ["digits_uvit_tiny", *sum((["--set", s] for s in TINY), []), "--set", f"train.steps={n}",
+              "--set", "train.save_every=10", "--device", "cpu"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    res = _uvit("train", *common, "--run-dir", str(straight))
+    assert res.returncode == 0, res.stderr
+
+    proc = subprocess.Popen([sys.executable, "-m", "uvit_cli", "train", *common, "--run-dir", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(s >= 20 for s, _ in list_states(killed)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = max(s for s, _ in list_states(killed))
+    assert stopped_at < n, "the run finished before it could be killed"
+    res = _uvit("train", *common, "--run-dir", str(killed))
+    assert res.returncode == 0, res.stderr
+    assert "resumed from" in res.stderr
+
+    _assert_same_state(_state(straight), _state(killed))
+    la = [(m["step"], m["loss"]) for m in read_metrics(straight)]
+    lb = [(m["step"], m["loss"]) for m in read_metrics(killed)]
+    assert la == lb and len(la) == n
+
+
+def test_corrupt_checkpoint_falls_back_to_previous(tmp_path, caplog):
+    r = tiny_recipe("train.steps=20", "train.save_every=10")
+    train(r, tmp_path, device="cpu")
+    newest = list_states(tmp_path)[-1][1]
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    state, path = load_latest_state(tmp_path)
+    assert state["step"] == 10 and path != newest
+    assert "unreadable" in caplog.text
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(tiny_recipe("train.steps=2"), a, device="cpu")
+    train(tiny_recipe("train.steps=2", "train.grad_accum=4"), b, device="cpu")
+    _assert_same_state(_state(a), _state(b), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank_with_the_global_batch(tmp_path):
+    """One step of 2 gloo ranks with batch b each equals one step of 1 rank with batch 2b (within 1e-6)."""
+    sets = sum((["--set", s] for s in TINY), []) + ["--set", "train.steps=1", "--set", "train.save_every=1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = _uvit("train", "digits_uvit_tiny", *sets, "--run-dir", str(one), "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "uvit_cli", "train", "digits_uvit_tiny", *sets, "--run-dir", str(two),
+                          "--device", "cpu"], capture_output=True, text=True, env=_env())
+    assert res.returncode == 0, res.stderr
+    sa, sb = _state(one), _state(two)
+    assert sb["world_size"] == 2 and len(sb["rng"]) == 2
+    _assert_same_state(sa, sb, atol=1e-6)
+
+
+def test_refuses_batch_that_does_not_split(tmp_path):
+    r = tiny_recipe("train.steps=1", "train.batch_size=30", "train.grad_accum=3")
+    with pytest.raises(UvitError, match="does not split"):
+        import uvit_cli.distributed as d
+
+        orig = d.world_size
+        d.world_size = lambda: 4
+        try:
+            train(r, tmp_path, device="cpu")
+        finally:
+            d.world_size = orig
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import uvit_cli.train as T
+
+    r = tiny_recipe("train.steps=20", "train.save_every=5", "train.log_every=5")
+    real = T.training_loss
+    calls = {"n": 0}
+
+    def poisoned(*args):
+        calls["n"] += 1
+        out = real(*args)
+        return out * float("nan") if calls["n"] > 7 else out
+
+    monkeypatch.setattr(T, "training_loss", poisoned)
+    with pytest.raises(UvitError, match="NaN or inf"):
+        train(r, tmp_path, device="cpu")
+    assert [s for s, _ in list_states(tmp_path)] == [5]
+    state = _state(tmp_path)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_cli_dry_run_and_resume_rules(tmp_path):
+    run = tmp_path / "run"
+    res = _uvit("train", "digits_uvit_tiny", "--dry-run", "--run-dir", str(run))
+    assert res.returncode == 0, res.stderr
+    assert "1,489,038 parameters" in res.stdout and "1,797 examples" in res.stdout and "10 classes" in res.stdout
+    assert not run.exists()
+    res = _uvit("train", "digits_uvit_tiny", *sum((["--set", s] for s in TINY), []), "--set", "train.steps=2",
+                "--set", "train.save_every=1", "--run-dir", str(run))
+    assert res.returncode == 0, res.stderr
+    res = _uvit("train", "digits_uvit_tiny", "--no-resume", "--run-dir", str(run))
+    assert res.returncode == 2 and "already holds checkpoints" in res.stderr
+    res = _uvit("train", "digits_uvit_tiny", *sum((["--set", s] for s in TINY), []), "--set", "train.lr=0.5",
+                "--run-dir", str(run))
+    assert res.returncode == 2 and "train.lr" in res.stderr and "different recipe" in res.stderr
+
+
+def test_model_that_does_not_fit_the_data_fails_before_training(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    for c in ("cat", "dog"):
+        (folder / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (16, 16), (i * 50, 0, 0)).save(folder / c / f"{i}.png")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model:\n  img_size: 16\n  patch_size: 4\n  embed_dim: 32\n  num_heads: 2\n  num_layers: 3\n"
+                      f"  num_classes: 5\ndata:\n  name: folder\n  source: {folder}\n  crop: none\n")
+    res = _uvit("train", str(recipe), "--run-dir", str(tmp_path / "run"))
+    assert res.returncode == 2 and "2 classes but model.num_classes is 5" in res.stderr
+    res = _uvit("train", str(recipe), "--set", "model.num_classes=2", "--set", "model.img_size=32",
+                "--run-dir", str(tmp_path / "run"))
+    assert res.returncode == 2 and "does not match the model's 32x32" in res.stderr
+    res = _uvit("train", str(recipe), "--set", f"data.source={tmp_path / 'nope'}", "--run-dir", str(tmp_path / "r"))
+    assert res.returncode == 2 and "does not exist" in res.stderr
