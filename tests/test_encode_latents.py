@@ -63,7 +63,7 @@ def test_imagenet_cache_holds_moments_flips_labels_and_lists_bad_images(tmp_path
     assert 0 < m["latent_stats"]["std"] < 10
 
     ds = open_latents(tmp_path / "c")
-    assert len(ds) == 36 and ds.num_classes == 3 and ds.null_context is None and ds.num_captions is None
+    assert len(ds) == 36 and ds.num_classes == 3 and ds.null_context is None and ds.num_captions == 0
     good = [i for i in range(len(inet)) if inet.record(i).key.split("/")[-1] not in ("x_trunc.JPEG", "x_corrupt.JPEG")]
     for item in (0, 5, 17):                    # image j = good[item]; items 2j / 2j + 1 are image / flip
         img = torch.tensor(adm_center_crop(open_image(inet.paths[good[item]])[0], 32)).permute(2, 0, 1)
@@ -85,9 +85,10 @@ def test_coco_cache_holds_every_caption_and_the_empty_prompt(tmp_path, vae, text
     assert m["conditioning"] == "text" and m["text_encoder"] == "tiny-clip" and m["context_shape"] == [77, 32]
     assert m["count"] == 5 and m["num_captions"] == 26 and m["null_context"]["prompt"] == ""
     ds = open_latents(tmp_path / "c")
-    assert len(ds) == 5 and ds.num_captions.tolist() == [len(src.record(i).captions) for i in range(5)]
+    assert len(ds) == 5 and ds.caption_counts.tolist() == [len(src.record(i).captions) for i in range(5)]
+    assert ds.num_captions == 5                # every image has 5; one has a 6th
     torch.testing.assert_close(ds.null_context, text.encode([""])[0].half())
-    i = int(np.argmax(ds.num_captions))        # the image with 6 captions
+    i = int(np.argmax(ds.caption_counts))      # the image with 6 captions
     for k in (0, 5):
         moments, ctx = ds[(i, k)]
         assert ctx.dtype == torch.float16 and ctx.shape == (77, 32)

@@ -110,7 +110,7 @@ class FileSource:
                  captions: list[tuple[str, ...]] | None = None, class_names: list[str] | None = None):
         self.kind, self.root, self.paths = kind, Path(root), paths
         self.labels, self.captions, self.class_names = labels, captions, class_names
-        self.location = str(root)
+        self.location = str(Path(root).resolve())   # absolute: a rerun from another directory still matches
 
     @property
     def conditioning(self) -> str:

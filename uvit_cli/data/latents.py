@@ -200,7 +200,8 @@ def _read_manifest(root: Path) -> dict:
 
 class LatentDataset(torch.utils.data.Dataset):
     """Items of a latent cache. Class/unconditional data: ``ds[i] -> (moments fp16 (2C,h,w), label int64 or -1)``;
-    text data: ``ds[(i, k)] -> (moments, context k fp16 (77, 768))`` with k < ``num_captions[i]``.
+    text data: ``ds[(i, k)] -> (moments, context k fp16 (77, 768))`` with k < ``caption_counts[i]``
+    (``num_captions``, an int, is the count every item has; ``ds[i]`` alone gives caption 0).
 
     With flips stored, item 2j is image j and item 2j + 1 its mirror (the official cache holds both).
     """
@@ -227,8 +228,12 @@ class LatentDataset(torch.utils.data.Dataset):
         self._offsets = offsets
         rep = 2 if self.flips else 1
         self.labels = np.repeat(labels, rep)                       # per item
-        self.num_captions = (np.repeat(np.concatenate([np.diff(o) for o in offsets]), rep)
-                             if self.is_text and offsets else None)   # per item, text data only
+        # captions per item (text data), and the count every item has: a trainer draws k < num_captions (COCO: 5;
+        # the few images with 6 or 7 captions keep the extra ones, reachable through caption_counts)
+        self.caption_counts = (np.repeat(np.concatenate([np.diff(o) for o in offsets]), rep)
+                               if self.is_text and offsets else None)
+        self.num_captions = int(self.caption_counts.min()) if self.caption_counts is not None and \
+            len(self.caption_counts) else 0
         self.null_context = None
         if self.manifest.get("null_context"):
             from safetensors.torch import load_file
