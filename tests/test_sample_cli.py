@@ -345,3 +345,17 @@ def test_bench_guided_sampling_runs_both_paths_at_equal_nfe():
     assert r["nfe"] == 3 and r["baseline_s"] > 0 and r["fast_s"] > 0 and "batched_fp32_s" in r
     assert r["speedup"] == pytest.approx(r["baseline_s"] / r["fast_s"])
     assert r["eps_rel_err"] < 0.05 and r["sample_rel_err"] < 0.05  # bf16: a few x 2^-8
+
+
+def test_cli_imagenet_class_names(tmp_path, capsys):
+    r = recipe_from_dict({"name": "tiny_in", "model": {**TINY, "img_size": 8, "in_chans": 3, "num_classes": 1000,
+                                                       "null_class": True},
+                          "data": {"name": "imagenet64"}, "sample": {"steps": 3, "cfg_scale": 1.5}})
+    ck = _ckpt(tmp_path, r)
+    code, out = _run(["sample", str(ck), "--class", "golden retriever", "--class", "88", "--n", "3", "--npz",
+                      str(tmp_path / "in.npz"), "--out", str(tmp_path / "g.png")], capsys)
+    assert code == 0, out
+    with np.load(tmp_path / "in.npz") as f:
+        assert f["arr_1"].tolist() == [207, 88, 207]
+    code, out = _run(["sample", str(ck), "--class", "golden retreiver"], capsys)
+    assert code == 2 and "did you mean 'golden retriever' (207)" in out
