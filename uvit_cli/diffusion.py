@@ -168,6 +168,7 @@ class DiscreteSchedule(NoiseSchedule):
     @staticmethod
     def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
         """Piecewise-linear f(x) through increasing knots xp, extended linearly beyond both ends."""
+        xp, fp = xp.to(x.device), fp.to(x.device)  # the knots live on the CPU; x may be on a GPU
         i = torch.searchsorted(xp, x.contiguous()).clamp(1, len(xp) - 1)
         x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
         return f0 + (x - x0) * (f1 - f0) / (x1 - x0)
@@ -179,8 +180,8 @@ class DiscreteSchedule(NoiseSchedule):
     def beta(self, t: Number) -> torch.Tensor:
         # -2 x the slope of the segment that holds t (the outer segments beyond the knots)
         t = _as_f64(t)
-        i = torch.searchsorted(self.knots_t, t.reshape(-1).contiguous()).clamp(1, self.num_timesteps - 1)
-        la, kt = self.knots_log_alpha, self.knots_t
+        la, kt = self.knots_log_alpha.to(t.device), self.knots_t.to(t.device)
+        i = torch.searchsorted(kt, t.reshape(-1).contiguous()).clamp(1, self.num_timesteps - 1)
         return (-2.0 * (la[i] - la[i - 1]) / (kt[i] - kt[i - 1])).reshape(t.shape)
 
     def inverse_lambda(self, lam: Number) -> torch.Tensor:

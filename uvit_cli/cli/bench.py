@@ -1,14 +1,155 @@
-"""`uvit bench`: measure training and sampling throughput, MFU and memory."""
+"""`uvit bench`: training and sampling throughput, MFU against a measured matmul peak, memory, scaling."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import List, Optional
+
 import typer
+from rich.table import Table
 
+from ..errors import UvitError
 from . import app
-from .common import not_yet
+from .common import SetOption, console, setup_logging
+
+SUITES = ("peak", "train", "scaling", "sample", "encode", "features")
 
 
-@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench_cmd(ctx: typer.Context) -> None:
-    """Measure training and sampling throughput, MFU and memory (not implemented yet)."""
-    not_yet(8, "bench")
+def _choices(text: str, allowed: tuple, what: str) -> list[str]:
+    out = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in out if s not in allowed]
+    if bad:
+        raise UvitError(f"{what}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+    return out
+
+
+def _flags(text: str, what: str) -> list[bool]:
+    return {"off": [False], "on": [True], "both": [False, True]}[_choices(text, ("off", "on", "both"), what)[0]]
+
+
+@app.command("bench")
+def bench_cmd(
+    recipe_path: str = typer.Argument("cifar10_uvit_s2", metavar="RECIPE", help="recipe whose model is measured"),
+    overrides: Optional[List[str]] = SetOption,
+    suite: str = typer.Option("peak,train", "--suite", help=f"comma list of {', '.join(SUITES)}"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda", rich_help_panel="Performance"),
+    batch: int = typer.Option(0, "--batch", min=0, help="training batch (0: 128 on GPU, 8 on CPU)"),
+    precisions: str = typer.Option("fp32,bf16", "--precision", help="comma list of fp32, bf16, fp16"),
+    compile_: str = typer.Option("off", "--compile", help="torch.compile: off, on or both"),
+    grad_ckpt: str = typer.Option("off", "--grad-ckpt", help="gradient checkpointing: off, on or both"),
+    naive: bool = typer.Option(False, "--naive/--no-naive", help="also time the straightforward model (attention "
+                               "written out as softmax(QK^T)V) in fp32, the CPU baseline"),
+    batches: str = typer.Option("", "--batches", help="scaling suite: batch sizes, e.g. 1,4,16"),
+    patch_sizes: str = typer.Option("", "--patch-sizes", help="scaling suite: patch sizes, e.g. 1,2,4,8"),
+    iters: int = typer.Option(0, "--iters", min=0, help="timed steps per run (0: 10 on GPU, 3 on CPU)"),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="runs per measurement; the median is reported"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write every number to this JSON file"),
+) -> None:
+    """Measure throughput, MFU and memory on this device; print a table and optionally write JSON.
+
+    Examples:
+      uvit bench cifar10_uvit_s2 --device cpu --batch 8 --precision fp32,bf16 --naive
+      uvit bench imagenet256_uvit_h2 --device cuda --batch 128 --precision bf16 --compile both --grad-ckpt both
+      uvit bench digits_uvit_tiny --suite scaling --batches 8,32,128 --patch-sizes 1,2,4
+    """
+    import torch
+
+    from .. import bench
+    from ..recipe import load_recipe
+
+    setup_logging()
+    suites = _choices(suite, SUITES, "--suite")
+    recipe = load_recipe(recipe_path, overrides)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    gpu = dev.type == "cuda"
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    batch = batch or (128 if gpu else 8)
+    iters = iters or (10 if gpu else 3)
+    precs = _choices(precisions, ("fp32", "bf16", "fp16"), "--precision")
+    result = {"recipe": recipe.name, "model": recipe.model.size, "device": str(dev), "machine": bench.machine()}
+
+    peaks = {}
+    if "peak" in suites or "train" in suites:
+        for p in sorted({"fp32" if p == "fp32" else "bf16" for p in precs} | {"fp32"}):
+            dtype = torch.float32 if p == "fp32" else torch.bfloat16
+            peaks[p] = bench.matmul_peak(dev, dtype, repeats=repeats)
+        result["matmul_peak_tflops"] = peaks
+        table = Table(title=f"matmul peak on {dev} (measured)")
+        table.add_column("dtype")
+        table.add_column("TFLOP/s", justify="right")
+        for p, v in peaks.items():
+            table.add_row(p, f"{v:.2f}")
+        console.print(table)
+
+    if "train" in suites:
+        rows = []
+        for prec in precs:
+            for comp in _flags(compile_, "--compile"):
+                for ck in _flags(grad_ckpt, "--grad-ckpt"):
+                    rows.append(bench.bench_train(recipe, batch=batch, precision=prec, compile=comp,
+                                                  grad_checkpoint=ck, device=str(dev), iters=iters,
+                                                  repeats=repeats))
+        if naive:
+            rows.append(bench.bench_train(recipe, batch=batch, precision="fp32", naive_attention=True,
+                                          device=str(dev), iters=iters, repeats=repeats))
+        for r in rows:
+            r["mfu"] = r["tflops"] / peaks["fp32" if r["precision"] == "fp32" else "bf16"]
+        result["train"] = rows
+        base = next((r for r in rows if r["precision"] == "fp32" and not r["compile"] and not r["grad_checkpoint"]
+                     and not r["naive_attention"]), None)
+        table = Table(title=f"training step, {recipe.model.size} {recipe.model.img_size}px x{recipe.model.in_chans}, "
+                            f"batch {batch}, {dev} (median of {repeats})")
+        for col in ("precision", "compile", "grad ckpt", "attention", "steps/s", "img/s", "TFLOP/s", "MFU",
+                    "vs fp32", "peak GiB"):
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(r["precision"], "on" if r["compile"] else "off", "on" if r["grad_checkpoint"] else "off",
+                          "naive" if r["naive_attention"] else "sdpa", f"{r['steps_per_s']:.3f}",
+                          f"{r['img_per_s']:.1f}", f"{r['tflops']:.2f}", f"{100 * r['mfu']:.1f}%",
+                          f"{r['img_per_s'] / base['img_per_s']:.2f}x" if base else "-",
+                          f"{r['peak_mem_gb']:.1f}" if "peak_mem_gb" in r else "-")
+        console.print(table)
+
+    if "scaling" in suites:
+        bs = [int(b) for b in batches.split(",") if b.strip()] or [1, 4, batch]
+        ps = [int(p) for p in patch_sizes.split(",") if p.strip()]
+        rows = bench.bench_scaling(recipe, batches=bs, patch_sizes=ps, precision=precs[-1], device=str(dev),
+                                   iters=iters, repeats=repeats)
+        result["scaling"] = rows
+        table = Table(title=f"scaling ({precs[-1]}, {dev})")
+        for col in ("axis", "batch", "patch", "tokens", "img/s", "TFLOP/s", "peak GiB"):
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(r["axis"], str(r["batch"]), str(r.get("patch_size", recipe.model.patch_size)),
+                          str(r["tokens"]), f"{r['img_per_s']:.1f}", f"{r['tflops']:.2f}",
+                          f"{r['peak_mem_gb']:.1f}" if "peak_mem_gb" in r else "-")
+        console.print(table)
+
+    if "sample" in suites:
+        from ..bench_sampling import bench_guided_sampling
+
+        r = bench_guided_sampling(recipe if recipe.has_null_condition and recipe.model.num_classes else None,
+                                  device=str(dev), repeats=repeats)
+        result["sample"] = r
+        console.print_json(json.dumps(r, default=str))
+
+    if "encode" in suites:
+        from ..data.encode_benchmark import bench_encode
+
+        result["encode"] = [bench_encode(v, device=str(dev)) for v in ("tiny", "sd")]
+        console.print_json(json.dumps(result["encode"], default=str))
+
+    if "features" in suites:
+        from ..metrics.benchmark import bench_features
+
+        result["features"] = bench_features(device=str(dev))
+        console.print_json(json.dumps(result["features"], default=str))
+
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=1, default=str))
+        console.print(f"wrote {json_out}")
