@@ -62,12 +62,16 @@ def _encoder_throughput(vae, batch: torch.Tensor, flips: bool, repeats: int, pre
 
 def bench_encode(vae="tiny", *, resolution: int = 256, batch_size: int = 16, num_batches: int = 4,
                  num_workers: int | None = None, device: str = "cpu", precision: str = "fp32", flips: bool = True,
-                 image_size=(500, 375), workdir: str | Path | None = None, progress=None) -> dict:
+                 rounds: int = 1, image_size=(500, 375), workdir: str | Path | None = None, progress=None) -> dict:
     """Encoder-alone vs whole-pipeline throughput (source images/s) on synthetic ImageNet-sized JPEGs.
 
-    ``vae``: "tiny", "sd" (the SD VAE architecture, random weights) or an Autoencoder. The pipeline rate is taken
-    after its first batch (worker start-up excluded); its wall time including start-up is reported too.
+    ``vae``: "tiny", "sd" (the SD VAE architecture, random weights) or an Autoencoder. Each of ``rounds`` rounds
+    times the encoder alone, then the pipeline; a last encoder timing closes the sequence, and medians are
+    reported (alternating keeps a drift in machine load out of the ratio). The pipeline rate is taken after its
+    first batch (worker start-up excluded); its wall time including start-up is reported too.
     """
+    import statistics
+
     from ..autoencoder import SD_VAE_CONFIG, Autoencoder
     from .encoding import encode_latents
     from .images import adm_center_crop, open_imagenet
@@ -78,37 +82,39 @@ def bench_encode(vae="tiny", *, resolution: int = 256, batch_size: int = 16, num
         config = {"tiny": TINY_BENCH_VAE, "sd": SD_VAE_CONFIG}[vae]
         vae = Autoencoder.from_config(config, 0.18215, name=f"{vae} (random weights)")
     vae.vae.to(device)
+    vae.optimize_for_encoding()                   # the layout the pipeline uses, for both measurements
     num_workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
     n = batch_size * (num_batches + 1)            # one extra batch: the pipeline's warm-up
+    encs, pipes, walls = [], [], []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
         synthetic_jpeg_tree(tmp / "src", n, image_size)
         source = open_imagenet(str(tmp / "src"), "train")
         crops = [adm_center_crop(source.load(i)[0], resolution) for i in range(batch_size)]
-        batch = torch.tensor(np.stack(crops)).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
-        enc_before = _encoder_throughput(vae, batch, flips, num_batches, precision)
-        stamps = []
+        batch = torch.tensor(np.stack(crops)).permute(0, 3, 1, 2).contiguous().float().div(127.5).sub(1).to(device)
+        for r in range(rounds):
+            encs.append(_encoder_throughput(vae, batch, flips, num_batches, precision))
+            stamps = []
 
-        def tick(done, total):
-            stamps.append((time.perf_counter(), done))
-            if progress:
-                progress(done, total)
+            def tick(done, total):
+                stamps.append((time.perf_counter(), done))
+                if progress:
+                    progress(r * total + done, rounds * total)
 
-        t0 = time.perf_counter()
-        encode_latents(source, tmp / "out", vae, None, resolution=resolution, crop="adm_center", flips=flips,
-                       batch_size=batch_size, shard_size=n, num_workers=num_workers, precision=precision,
-                       progress=tick)
-        wall = time.perf_counter() - t0
-        # measured before and after the pipeline, so that a drift in machine load shows up in both numbers
-        enc_after = _encoder_throughput(vae, batch, flips, num_batches, precision)
-    enc = (enc_before + enc_after) / 2
-    (t1, d1), (t2, d2) = stamps[0], stamps[-1]
-    pipe = (d2 - d1) / (t2 - t1)
+            t0 = time.perf_counter()
+            encode_latents(source, tmp / f"out{r}", vae, None, resolution=resolution, crop="adm_center",
+                           flips=flips, batch_size=batch_size, shard_size=n, num_workers=num_workers,
+                           precision=precision, progress=tick)
+            walls.append(time.perf_counter() - t0)
+            (t1, d1), (t2, d2) = stamps[0], stamps[-1]
+            pipes.append((d2 - d1) / (t2 - t1))
+        encs.append(_encoder_throughput(vae, batch, flips, num_batches, precision))
+    enc, pipe = statistics.median(encs), statistics.median(pipes)
     result = {"vae": name, "device": str(torch.device(device)), "resolution": resolution, "batch_size": batch_size,
               "flips": flips, "num_workers": num_workers, "precision": precision, "torch_threads":
-              torch.get_num_threads(), "images": n, "encoder_images_per_s": round(enc, 3),
-              "encoder_before_after": [round(enc_before, 3), round(enc_after, 3)],
+              torch.get_num_threads(), "images": n, "rounds": rounds, "encoder_images_per_s": round(enc, 3),
               "pipeline_images_per_s": round(pipe, 3), "ratio": round(pipe / enc, 3),
-              "pipeline_wall_s": round(wall, 2)}
+              "encoder_runs": [round(x, 3) for x in encs], "pipeline_runs": [round(x, 3) for x in pipes],
+              "pipeline_wall_s": round(statistics.median(walls), 2)}
     log.info("encode benchmark: %s", result)
     return result

@@ -180,7 +180,7 @@ def encode_latents(source, out: str | Path, vae, text=None, *, resolution: int, 
 
 def _run(source, out, vae, text, config, mine, batches, total, dataset, collate, num_workers, precision, progress):
     """The loop: DataLoader workers decode and crop; this thread encodes; a writer thread saves shards."""
-    device = vae.device
+    device = vae.optimize_for_encoding().device
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
         pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None)

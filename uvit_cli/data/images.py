@@ -66,9 +66,11 @@ def open_image(fp) -> tuple[object, str]:
             return to_rgb(img)
     except UnidentifiedImageError:
         raise BadImage("not a readable image") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        reason = "truncated" if "truncated" in str(e).lower() else f"corrupt ({str(e).splitlines()[0][:80]})"
-        raise BadImage(reason) from None
+    except Image.DecompressionBombError:
+        raise BadImage("too large (PIL decompression-bomb limit)") from None
+    except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, struct.error...: all mean corrupt
+        msg = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+        raise BadImage("truncated" if "truncated" in msg.lower() else f"corrupt ({msg})") from None
 
 
 def adm_center_crop(img, size: int) -> np.ndarray:
