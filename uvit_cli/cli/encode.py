@@ -110,6 +110,8 @@ def encode_cmd(
     Rerun the same command after an interruption to continue; use torchrun for several GPUs.
 
     Example: uvit encode-latents imagenet --res 256 --source /data/imagenet --out data/imagenet256_latents
+
+    Several GPUs: torchrun --nproc_per_node 8 -m uvit_cli encode-latents coco --source /data/coco --verify
     """
     import torch
 
