@@ -9,9 +9,8 @@ import torch.nn.functional as F
 
 from metrics_fixtures import smooth_images, write_pngs, write_random_inception
 from uvit_cli.errors import UvitError
-from uvit_cli.metrics.features import FeatureExtractor, preprocess, tf1_resize_bilinear
+from uvit_cli.metrics.features import preprocess, tf1_resize_bilinear
 from uvit_cli.metrics.inception import WEIGHTS_FILE, WEIGHTS_URL, load_fid_inception
-from uvit_cli.metrics.sources import FolderSource
 
 
 @pytest.fixture()
@@ -31,14 +30,14 @@ def test_outputs_equal_pytorch_fid_network(torch_home):
     captured = {}
     mixed_6d = net[2][6]  # block 2 = Mixed_5b, 5c, 5d, 6a, 6b, 6c, 6d, 6e
     mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: captured.setdefault("s", o))
-    x = torch.randn(2, 3, 299, 299)
+    x = torch.randn(1, 3, 299, 299)
     with torch.inference_mode():
         pool = ref(x)[0].flatten(1)
         exact = load_fid_inception(exact=True)(x)
         fused = load_fid_inception()(x)
-    spatial = captured["s"][:, :7].permute(0, 2, 3, 1).reshape(2, -1)  # ADM's (h, w, c) flatten, 2023-d
+    spatial = captured["s"][:, :7].permute(0, 2, 3, 1).reshape(1, -1)  # ADM's (h, w, c) flatten, 2023-d
     fc_w = torch.load(torch_home / "hub" / "checkpoints" / WEIGHTS_FILE, weights_only=True)["fc.weight"]
-    assert exact.spatial.shape == (2, 2023) and exact.logits.shape == (2, 1008)
+    assert exact.spatial.shape == (1, 2023) and exact.logits.shape == (1, 1008)
     torch.testing.assert_close(exact.pool, pool, rtol=0, atol=1e-6)
     torch.testing.assert_close(exact.spatial, spatial, rtol=0, atol=1e-6)
     torch.testing.assert_close(exact.logits, pool @ fc_w.t(), rtol=1e-5, atol=1e-5)  # no fc bias
@@ -108,56 +107,45 @@ def test_clean_mode_uses_clean_fid_resizer():
         preprocess(img[..., :1], "pytorch_fid")
 
 
-@pytest.mark.slow  # ~1 min on 2 cores: three Inception pipelines and two scipy sqrtm of 2048x2048 products
+@pytest.mark.slow  # 20-60 s on 2 cores: 36 Inception passes at 299x299 through three pipelines
 def test_features_and_fid_match_pytorch_fid_and_clean_fid(torch_home, tmp_path):
-    import warnings
-
     from cleanfid import fid as cfid
     from cleanfid.features import build_feature_extractor
     from pytorch_fid import fid_score
     from pytorch_fid.inception import InceptionV3
 
     from uvit_cli.metrics import evaluate
-    from uvit_cli.metrics.frechet import frechet_distance
 
-    a = write_pngs(tmp_path / "a", smooth_images(8, 16, 10))
-    b = write_pngs(tmp_path / "b", smooth_images(8, 16, 11) // 2 + 60)
+    a = write_pngs(tmp_path / "a", smooth_images(6, 16, 10))
+    b = write_pngs(tmp_path / "b", smooth_images(6, 16, 11) // 2 + 60)
 
     def pfid_features(folder):
         files = sorted(str(p) for p in folder.iterdir())
-        return fid_score.get_activations(files, InceptionV3([3]).eval(), batch_size=8, dims=2048, device="cpu",
+        return fid_score.get_activations(files, InceptionV3([3]).eval(), batch_size=6, dims=2048, device="cpu",
                                          num_workers=0)
 
     def clean_features(folder):
         model = build_feature_extractor("legacy_pytorch", torch.device("cpu"), use_dataparallel=False)
-        return cfid.get_folder_features(str(folder), model, num_workers=0, batch_size=8, device=torch.device("cpu"),
+        return cfid.get_folder_features(str(folder), model, num_workers=0, batch_size=6, device=torch.device("cpu"),
                                         mode="legacy_pytorch", verbose=False)
 
-    def stats(f):
-        return np.mean(f, 0), np.cov(f, rowvar=False)
+    def fid_low_rank(f1, f2):
+        """FID for N < d from the features themselves: with S_i = A_i^T A_i (A_i centred / sqrt(N_i - 1)), the
+        nonzero eigenvalues of S1 S2 are those of (A1 A2^T)(A1 A2^T)^T, so Tr sqrtm(S1 S2) = ||A1 A2^T||_*."""
+        a1 = (f1 - f1.mean(0)) / np.sqrt(len(f1) - 1)
+        a2 = (f2 - f2.mean(0)) / np.sqrt(len(f2) - 1)
+        nuclear = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum()
+        return float(((f1.mean(0) - f2.mean(0)) ** 2).sum() + (a1 ** 2).sum() + (a2 ** 2).sum() - 2 * nuclear)
 
     pfid_a, pfid_b = pfid_features(a), pfid_features(b)
     clean_a, clean_b = clean_features(a), clean_features(b)
-    ours_a = FeatureExtractor(load_fid_inception(), batch_size=8).extract(FolderSource(a), keep_pool=True,
-                                                                           want=()).pool_features
-    scale = np.abs(pfid_a).max()
-    assert np.abs(ours_a - pfid_a).max() < 1e-4 * scale  # BN folded: float rounding only
-    assert np.abs(clean_a - pfid_a).max() < 1e-4 * scale
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pytorch-fid passes scipy's deprecated disp argument
-        fid_pfid = fid_score.calculate_frechet_distance(*stats(pfid_a), *stats(pfid_b))
-    ours = evaluate(a, b, metrics="fid", batch_size=8).metrics["fid"]  # end to end: PNG folders, sqrtm numerics
+    assert np.abs(clean_a - pfid_a).max() < 1e-4 * np.abs(pfid_a).max()
+    # End to end from the PNG folders (our features equal pytorch-fid's per image: see the tests above). Our
+    # Fréchet distance uses the symmetric eigen form here, because scipy's sqrtm of a rank-deficient 2048x2048
+    # product takes 10-40 s on a 2-core CI machine (test_metrics_math checks that both forms agree); the baselines'
+    # FIDs come straight from their features by the low-rank identity above.
+    ours = evaluate(a, b, metrics="fid", batch_size=6, frechet_method="eigh").metrics["fid"]
+    fid_pfid, fid_clean = fid_low_rank(pfid_a, pfid_b), fid_low_rank(clean_a, clean_b)
     assert fid_pfid > 1.0  # the two sets differ, so this is not 0 vs 0
     assert ours == pytest.approx(fid_pfid, rel=1e-3)
-    # clean-fid's legacy_pytorch features give the same FID (its frechet_distance is the same scipy sqrtm code as
-    # pytorch-fid's; the symmetric eigen form is used here to save a third 2048x2048 sqrtm).
-    fid_clean = frechet_distance(*stats(clean_a), *stats(clean_b), method="eigh")
-    assert fid_clean == pytest.approx(fid_pfid, rel=1e-3)
-
-
-def test_bench_features_reports_throughput(torch_home):
-    from uvit_cli.metrics.benchmark import bench_features
-
-    r = bench_features(num_images=2, resolution=16, batch_size=2, compare=False)
-    assert r["uvit_img_s"] > 0 and r["uvit_exact_img_s"] > 0 and r["weights"].endswith(WEIGHTS_FILE)
+    assert ours == pytest.approx(fid_clean, rel=1e-3)

@@ -172,12 +172,9 @@ def fid_cmd(
 def _sample_run(target: Path, recipe_path, overrides, weights, seed, samples_out, precision, batch_size,
                 num_samples, device):
     """Sample a run / checkpoint with the recipe's protocol into a kept, resumable .npz; returns (npz, recipe, card)."""
-    import hashlib
-
     from ..checkpoint import load_model
     from ..metrics.inception import file_sha256
-    from ..metrics.model_eval import sample_for_eval, samples_path, sampling_card
-    from ..recipe import dump_recipe
+    from ..metrics.model_eval import sample_for_eval, samples_path, sampling_card, sampling_identity
 
     if weights not in ("ema", "raw"):
         raise UvitError(f"--weights {weights!r}: use ema or raw")
@@ -185,7 +182,7 @@ def _sample_run(target: Path, recipe_path, overrides, weights, seed, samples_out
     n = num_samples or recipe.eval.num_samples
     card = sampling_card(recipe, num_samples=n, seed=seed, weights=weights, checkpoint=str(path),
                          checkpoint_sha256=file_sha256(path), precision=precision)
-    meta = {**card, "recipe_sha256": hashlib.sha256(dump_recipe(recipe).encode()).hexdigest()}
+    meta = {**card, "sampling_recipe_sha256": sampling_identity(recipe)}
     meta.pop("checkpoint", None)  # the hash identifies the weights; the path may move
     out = samples_out or samples_path(target, recipe, n, meta)
     console.print(f"sampling {n} images into {out} (resumable; kept after scoring)")

@@ -80,22 +80,24 @@ def _check_count(source: ImageSource, num_samples: Optional[int], metrics: tuple
 def evaluate(samples, ref: str | Path | None = None, *, metrics: str | Iterable[str] | None = ("fid",),
              mode: str = "pytorch_fid", num_samples: Optional[int] = None, batch_size: int = 50,
              device: str = "cpu", inception_weights: str | Path | None = None, exact: bool = False,
-             labels: Optional[np.ndarray] = None, protocol: Optional[dict] = None,
+             labels: Optional[np.ndarray] = None, protocol: Optional[dict] = None, frechet_method: str = "sqrtm",
              progress: Optional[Callable[[str, int, int], None]] = None) -> EvalResult:
     """Score ``samples`` against ``ref``; ``progress(stage, done, total)`` reports each pass.
 
     mode: pytorch_fid (default; U-ViT's published numbers), clean, legacy_tensorflow, or digits (the built-in
     8x8 digits; ``ref`` may be empty for the real digits). ``exact`` keeps the unfused Inception.
+    frechet_method: "sqrtm" (the reference evaluators' numerics) or "eigh" (symmetric eigen form: same value for
+    PSD covariances, several times faster on a CPU; see frechet.trace_sqrt_product).
     """
-    from .features import MODES, canonical_mode
+    from .features import canonical_mode
 
     mode = "digits" if mode == "digits" else canonical_mode(mode)
     names = parse_metrics(metrics, mode)
     source = _as_source(samples, channels=1 if mode == "digits" else 3)
     n = _check_count(source, num_samples, names)
     labels = source.labels if labels is None else np.asarray(labels)
-    card = {"metrics": list(names), "mode": mode, "count": n, **source.card(), **(protocol or {})}
-    card["count"] = n
+    card = {"metrics": list(names), "mode": mode, **source.card(), **(protocol or {}), "count": n,
+            "frechet": "scipy sqrtm, eps retry, imaginary check" if frechet_method == "sqrtm" else frechet_method}
     if n < len(source):
         card["count_note"] = f"first {n} of {len(source)} images"
 
@@ -103,7 +105,7 @@ def evaluate(samples, ref: str | Path | None = None, *, metrics: str | Iterable[
         return (lambda done, total: progress(name, done, total)) if progress else None
 
     if mode == "digits":
-        values, extra = _evaluate_digits(source, ref, names, n, labels, stage, batch_size)
+        values, extra = _evaluate_digits(source, ref, names, n, labels, stage, batch_size, frechet_method)
         card.update(extra)
         return EvalResult(values, card)
 
@@ -140,7 +142,7 @@ def evaluate(samples, ref: str | Path | None = None, *, metrics: str | Iterable[
     want = {k for m, k in (("fid", "pool"), ("sfid", "spatial"), ("is", "is")) if m in names}
     feats = extractor().extract(source, limit=n, want=want, keep_pool=bool({"precision", "recall"} & set(names)),
                                 progress=stage("samples"))
-    values = _inception_values(names, feats, reference, device)
+    values = _inception_values(names, feats, reference, device, frechet_method)
     card.update(extractor().card())
     card["inception_weights_sha256"] = lazy["sha"]
     card.update(reference.card())
@@ -150,15 +152,15 @@ def evaluate(samples, ref: str | Path | None = None, *, metrics: str | Iterable[
     return EvalResult(values, card)
 
 
-def _inception_values(names: tuple, feats, reference, device: str) -> dict:
+def _inception_values(names: tuple, feats, reference, device: str, method: str) -> dict:
     from .frechet import frechet_distance_stats
     from .precision_recall import precision_recall
 
     out = {}
     if "fid" in names:
-        out["fid"] = frechet_distance_stats(feats.pool, reference.pool)
+        out["fid"] = frechet_distance_stats(feats.pool, reference.pool, method)
     if "sfid" in names:
-        out["sfid"] = frechet_distance_stats(feats.spatial, reference.spatial)
+        out["sfid"] = frechet_distance_stats(feats.spatial, reference.spatial, method)
     if "is" in names:
         out["is"] = feats.inception_score[0]
     if {"precision", "recall"} & set(names):
@@ -167,7 +169,7 @@ def _inception_values(names: tuple, feats, reference, device: str) -> dict:
     return out
 
 
-def _evaluate_digits(source: ImageSource, ref, names: tuple, n: int, labels, stage, batch_size: int):
+def _evaluate_digits(source: ImageSource, ref, names: tuple, n: int, labels, stage, batch_size: int, method: str):
     from .digits import VERSION, digits_outputs, load_classifier, real_digits_stats
     from .features import Features
     from .frechet import GaussianStats, frechet_distance_stats
@@ -175,16 +177,17 @@ def _evaluate_digits(source: ImageSource, ref, names: tuple, n: int, labels, sta
 
     model = load_classifier()
 
-    def extract(src: ImageSource, keep: bool = False, limit: Optional[int] = None):
+    def extract(src: ImageSource, keep: bool = False, limit: Optional[int] = None, name: str = "reference"):
         feats, preds, done = [], [], 0
         total = min(len(src), limit) if limit else len(src)
+        report = stage(name)
         for batch in src.batches(max(batch_size, 256), limit):
             f, p = digits_outputs(model, batch)
             feats.append(f)
             preds.append(p)
             done += len(batch)
-            if stage("samples"):
-                stage("samples")(done, total)
+            if report:
+                report(done, total)
         f = np.concatenate(feats)
         return Features(n=len(f), pool=GaussianStats.from_features(f), shape=src.shape,
                         extra={"preds": np.concatenate(preds)})
@@ -196,10 +199,10 @@ def _evaluate_digits(source: ImageSource, ref, names: tuple, n: int, labels, sta
     else:
         ref_stats = real_digits_stats(model)
         ref_card = {"ref": "built-in digits (scikit-learn, 1797 images)", "ref_kind": "digits", "ref_count": 1797}
-    feats = extract(source, limit=n)
+    feats = extract(source, limit=n, name="samples")
     values = {}
     if "fd_digits" in names:
-        values["fd_digits"] = frechet_distance_stats(feats.pool, ref_stats)
+        values["fd_digits"] = frechet_distance_stats(feats.pool, ref_stats, method)
     if "acc_digits" in names and labels is not None:
         values["acc_digits"] = float((feats.extra["preds"] == np.asarray(labels)[:n]).mean())
     card = {"pipeline": f"digits classifier v{VERSION} (64-d features; a domain metric, NOT comparable to "

@@ -124,12 +124,16 @@ class FIDInception(nn.Module):
     def fuse(self) -> "FIDInception":
         """Fold each BatchNorm into its conv and use channels-last memory: about 3x faster on CPU, features equal
         to the unfused network within ~1e-6 relative (float rounding). Irreversible; returns self."""
-        from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-        for module in self.modules():
-            if hasattr(module, "conv") and isinstance(getattr(module, "bn", None), nn.BatchNorm2d):
-                module.conv = fuse_conv_bn_eval(module.conv, module.bn)
-                module.bn = nn.Identity()
+        with torch.no_grad():
+            for module in self.modules():
+                bn = getattr(module, "bn", None)
+                if hasattr(module, "conv") and isinstance(bn, nn.BatchNorm2d):
+                    # BN(conv(x)) = conv'(x) with w' = w * g / sqrt(v + eps), b' = beta - m * g / sqrt(v + eps).
+                    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                    conv = module.conv
+                    conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+                    conv.bias = nn.Parameter(bn.bias - bn.running_mean * scale)
+                    module.bn = nn.Identity()
         self.fused = True
         return self.to(memory_format=torch.channels_last)
 
@@ -190,7 +194,8 @@ def load_fid_inception(path: str | Path | None = None, device: str | torch.devic
     except Exception as e:  # noqa: BLE001 - any failure means "not a plain tensor state dict"
         raise UvitError(f"{p} could not be read as a tensor state dict ({type(e).__name__}); re-download "
                         f"{WEIGHTS_URL}") from None
-    model = FIDInception()
+    with torch.device("meta"):  # no random init of 24M parameters: the file provides every tensor
+        model = FIDInception()
     own = model.state_dict()
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]  # BN fills these in
     unexpected = [k for k in sd if k not in own]
@@ -198,7 +203,7 @@ def load_fid_inception(path: str | Path | None = None, device: str | torch.devic
         raise UvitError(f"{p} is not the FID Inception ({WEIGHTS_FILE}): {len(missing)} keys missing, "
                         f"{len(unexpected)} unexpected (e.g. {(missing or unexpected or ['shape mismatch'])[0]}). "
                         "torchvision's ImageNet Inception is a different network and must not be used for FID")
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(sd, strict=True, assign=True)
     model.weights_path = str(p)
     if not exact:
         model.fuse()

@@ -105,6 +105,22 @@ def evaluate_model(model, recipe, *, num_samples: int, device: str = "cpu", prec
     return {**result.metrics, "protocol": result.protocol}
 
 
+def sampling_identity(recipe) -> str:
+    """SHA-256 of the recipe fields that change what is sampled (model, diffusion, sampler, classes, VAE), so
+    editing e.g. eval.ref or train.* does not invalidate kept samples."""
+    import json
+
+    from ..recipe import recipe_to_dict
+
+    d = recipe_to_dict(recipe)
+    d["sample"].pop("batch_size")        # samples do not depend on the batch size (per-sample seeds)
+    d["model"].pop("grad_checkpoint")    # nor on activation checkpointing
+    keep = {"model": d["model"], "diffusion": d["diffusion"], "sample": d["sample"],
+            "class_sampling": d["eval"]["class_sampling"], "vae": d["data"]["vae"],
+            "scale_factor": d["data"]["scale_factor"]}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+
+
 def samples_path(target: Path, recipe, num_samples: int, meta: dict) -> Path:
     """Where a run's evaluation samples are kept: <run>/eval/ or <checkpoint>_eval/, named by count and protocol."""
     tag = hashlib.sha256(repr(sorted(meta.items())).encode()).hexdigest()[:10]

@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import UvitError
 from .digits import cache_dir
 from .frechet import GaussianStats
-from .sources import ImageSource, NpzSource, npz_keys, open_source
+from .sources import ImageSource, npz_keys, open_source
 
 log = logging.getLogger(__name__)
 
