@@ -1,7 +1,11 @@
 import os
+import tempfile
 
-import pytest
 import torch
+
+# One throw-away cache per test session (the digits classifier, reference statistics), set before any fixture runs,
+# so tests never write to the user's ~/.cache/uvit.
+os.environ.setdefault("UVIT_CACHE", tempfile.mkdtemp(prefix="uvit-test-cache-"))
 
 # Wide rich output so CLI tests can read whole table rows (set before uvit_cli creates its consoles).
 os.environ.setdefault("COLUMNS", "200")
@@ -13,10 +17,3 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 else:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test sees its own UVIT_CACHE unless it sets one, so nothing leaks between tests."""
-    if "UVIT_CACHE" not in os.environ:
-        monkeypatch.setenv("UVIT_CACHE", str(tmp_path_factory.getbasetemp() / "uvit-cache"))

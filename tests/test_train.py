@@ -195,3 +195,15 @@ def test_model_that_does_not_fit_the_data_fails_before_training(tmp_path):
     assert res.returncode == 2 and "does not match the model's 32x32" in res.stderr
     res = _uvit("train", str(recipe), "--set", f"data.source={tmp_path / 'nope'}", "--run-dir", str(tmp_path / "r"))
     assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+def test_monitor_metric_is_logged_with_its_protocol(tmp_path):
+    """eval_every runs the digits monitor on the EMA model and labels it as a monitor with its protocol card."""
+    r = tiny_recipe("train.steps=4", "train.save_every=4", "train.eval_every=2", "eval.monitor_samples=20",
+                    "sample.steps=3")
+    train(r, tmp_path, device="cpu")
+    recs = [m for m in read_metrics(tmp_path) if "monitor/fd_digits" in m]
+    assert [m["step"] for m in recs] == [2, 4]
+    assert all(m["monitor/fd_digits"] > 0 and 0 <= m["monitor/acc_digits"] <= 1 for m in recs)
+    card = recs[0]["monitor_protocol"]
+    assert card["count"] == 20 and card["guidance_w"] == r.sample.cfg_scale and "NOT comparable" in card["pipeline"]

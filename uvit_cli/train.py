@@ -195,7 +195,7 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
             save_weights(run_dir / RUN_RAW, model.state_dict(), yaml, step=step, weights="raw")
         dist.barrier()
 
-    it, grid_cache = iter(loader), {}
+    it, grid_cache, monitor_ok = iter(loader), {}, True
     model.train()
     window_loss = torch.zeros((), device=dev)
     nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
@@ -250,8 +250,11 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
             checkpoint(done)
         if main and t.sample_every and (done % t.sample_every == 0 or done == t.steps):
             _sample_grid(ema, recipe, run_dir, done, dev, source, grid_cache)
-        if main and t.eval_every and done % t.eval_every == 0:
-            metrics.write({"step": done, **_monitor(ema, recipe, dev)})
+        if main and t.eval_every and done % t.eval_every == 0 and monitor_ok:
+            record = _monitor(ema, recipe, dev)
+            monitor_ok = record is not None
+            if record:
+                metrics.write({"step": done, **record})
         if progress is not None:
             progress(done, t.steps, info)
 
@@ -304,9 +307,18 @@ def _sample_grid(ema, recipe: Recipe, run_dir: Path, step: int, device, source, 
         log.warning("no sample grid at step %d: %s", step, e)
 
 
-def _monitor(ema, recipe: Recipe, device) -> dict:
-    """The periodic monitor metric, labelled with its protocol so nobody mistakes it for the paper's FID."""
+def _monitor(ema, recipe: Recipe, device) -> dict | None:
+    """The periodic monitor metric under ``monitor/`` keys, with its protocol card beside it so nobody mistakes it
+    for the paper's FID. None (and a warning) when it cannot run, e.g. without Inception weights or a reference."""
     from .metrics import evaluate_model
 
-    result = evaluate_model(ema, recipe, num_samples=recipe.eval.monitor_samples, device=device)
-    return {f"monitor/{k}": v for k, v in result.items()}
+    try:
+        result = evaluate_model(ema, recipe, num_samples=recipe.eval.monitor_samples, device=device)
+    except UvitError as e:
+        log.warning("monitor evaluation disabled for this run: %s", e)
+        return None
+    protocol = result.pop("protocol", None)
+    out = {f"monitor/{k}": v for k, v in result.items()}
+    if protocol is not None:
+        out["monitor_protocol"] = protocol
+    return out
