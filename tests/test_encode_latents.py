@@ -214,5 +214,5 @@ def test_bench_encode_reports_both_throughputs(tmp_path, vae):
     assert r["images"] == 6 and r["vae"] == "tiny-vae" and r["flips"] is True
     assert len(r["encoder_runs"]) == 3 and len(r["pipeline_runs"]) == 2
     assert r["encoder_images_per_s"] > 0 and r["pipeline_images_per_s"] > 0 and r["loader_images_per_s"] > 0
-    assert r["ratio"] == pytest.approx(r["pipeline_images_per_s"] / r["encoder_images_per_s"], rel=1e-2)
+    assert r["ratio"] == pytest.approx(r["pipeline_images_per_s"] / r["encoder_images_per_s"], abs=2e-3)  # rounded
     assert not any(tmp_path.iterdir())         # the synthetic images and cache are removed
