@@ -207,3 +207,16 @@ def test_monitor_metric_is_logged_with_its_protocol(tmp_path):
     assert all(m["monitor/fd_digits"] > 0 and 0 <= m["monitor/acc_digits"] <= 1 for m in recs)
     card = recs[0]["monitor_protocol"]
     assert card["count"] == 20 and card["guidance_w"] == r.sample.cfg_scale and "NOT comparable" in card["pipeline"]
+
+
+def test_ema_update_and_warmup():
+    from uvit_cli.train import ema_rate, update_ema
+
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    want = {k: 0.9 * a.state_dict()[k] + 0.1 * b.state_dict()[k] for k in a.state_dict()}
+    update_ema(a, b, 0.9)
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v, want[k])
+    assert ema_rate(0.9999, 0, warmup=False) == 0.9999            # official: constant from step 0
+    assert ema_rate(0.9999, 0, warmup=True) == pytest.approx(0.1)  # warmed up: the init is forgotten fast
+    assert ema_rate(0.999, 10_000, warmup=True) == 0.999

@@ -86,6 +86,7 @@ class TrainConfig:
     adam_eps: float = 1e-8              # AdamW epsilon
     warmup_steps: int = 5000            # linear warm-up, then constant
     ema_rate: float = 0.9999            # EMA of weights, updated every step; sampling and FID use the EMA
+    ema_warmup: bool = False            # rate min(ema_rate, (1+step)/(10+step)) so short runs' EMA forgets the init (off officially)
     p_uncond: float = 0.0               # probability of replacing the condition by the null one (guidance training)
     grad_accum: int = 1                 # micro-batches per optimizer step
     grad_clip: float = 0.0              # clip the gradient norm to this value (0: off)

@@ -37,6 +37,11 @@ def warmup_lambda(warmup_steps: int):
     return lambda step: min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
 
 
+def ema_rate(rate: float, step: int, warmup: bool) -> float:
+    """The EMA rate at a step: constant (official), or warmed up as min(rate, (1 + step) / (10 + step))."""
+    return min(rate, (1 + step) / (10 + step)) if warmup else rate
+
+
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, rate: float) -> None:
     """ema <- rate * ema + (1 - rate) * model, for every parameter (buffers are copied)."""
@@ -224,7 +229,7 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
         sched.step()
 
         # Update EMA.
-        update_ema(ema, model, t.ema_rate)
+        update_ema(ema, model, ema_rate(t.ema_rate, step, t.ema_warmup))
         window_steps += 1
         done = step + 1
 
