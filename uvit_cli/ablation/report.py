@@ -116,6 +116,7 @@ def plot_factor(suite: Suite, factor: Factor, rows: list[dict], path: Path) -> P
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         raise UvitError("the ablation figures need matplotlib: pip install matplotlib") from None
 
@@ -131,6 +132,7 @@ def plot_factor(suite: Suite, factor: Factor, rows: list[dict], path: Path) -> P
     positive = ys and min(ys) > 0
     if positive and max(ys) / min(ys) > 8:
         ax.set_yscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("training iterations")
     ax.set_ylabel(f"{suite.metric_label} ({'lower' if suite.lower_is_better else 'higher'} is better)", fontsize=8)
     ax.set_title(factor.title, fontsize=10)
@@ -159,7 +161,9 @@ def _fmt(x: Optional[float]) -> str:
 
 
 def _minutes(s: Optional[float]) -> str:
-    return "—" if s is None else (f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.1f} h")
+    if s is None:
+        return "—"
+    return f"{s:.0f} s" if s < 90 else (f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.1f} h")
 
 
 def _params(out_dir: Path, variant: str) -> Optional[int]:
@@ -238,5 +242,5 @@ def write_report(suite: Suite, out_dir: str | Path) -> dict:
     paths = {"results": write_results(rows, out_dir / RESULTS), "table": write_table(suite, rows, out_dir),
              "figures": [plot_factor(suite, f, rows, out_dir / FIGURES / f"{f.name}.png")
                          for f in suite.factors.values()]}
-    log.info("ablation report: %s", paths["table"])
+    log.debug("ablation report: %s", paths["table"])
     return paths
