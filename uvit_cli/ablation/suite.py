@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import difflib
 import json
-import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import yaml
 
 from ..errors import UvitError
 from ..recipe import SECTIONS, Recipe, RecipeError, read_yaml, recipe_from_dict, resolve_recipe_path
-
-log = logging.getLogger(__name__)
 
 SUITE_KEYS = ("name", "description", "scale_note", "base", "overrides", "steps", "eval_every", "metric",
               "lower_is_better", "metric_label", "tie_tolerance", "rank_step", "variants", "factors")
@@ -82,7 +79,7 @@ class Suite:
 
     @property
     def ranked_at(self) -> int:
-        """The step whose evaluation ranks the variants: rank_step, or the last evaluation up to ``steps``."""
+        """The step whose evaluation ranks the variants: rank_step, or the last step (always evaluated)."""
         if self.rank_step is not None and self.rank_step <= self.steps:
             return self.rank_step
         return self.steps
@@ -97,14 +94,14 @@ def _close(name: str, options) -> str:
     return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else f"; known: {', '.join(options)}"
 
 
-def _int(raw: dict, key: str, where: str, minimum: int = 1, default=None):
-    value = raw.get(key, default)
-    if value is None and default is None and key not in raw:
-        raise SuiteError(f"{where}: `{key}` is missing; add e.g. `{key}: 1000`")
+def _int(raw: dict, key: str, where: str, required: bool = True) -> Optional[int]:
+    value = raw.get(key)
     if value is None:
+        if required:
+            raise SuiteError(f"{where}: `{key}` is missing; add e.g. `{key}: 1000`")
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SuiteError(f"{where}: `{key}` must be an integer >= {minimum}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SuiteError(f"{where}: `{key}` must be an integer >= 1, got {value!r}")
     return value
 
 
@@ -212,7 +209,7 @@ def suite_from_dict(raw: Any, source: str = "suite", base_dir: Path | None = Non
                  overrides=_overrides(raw.get("overrides"), f"{source}: overrides"),
                  description=str(raw.get("description", "")), scale_note=str(raw.get("scale_note", "")).strip(),
                  metric_label=str(raw.get("metric_label", raw["metric"])), tie_tolerance=float(tol),
-                 rank_step=_int(raw, "rank_step", source, default=None) if raw.get("rank_step") is not None else None,
+                 rank_step=_int(raw, "rank_step", source, required=False),
                  raw={**raw, "base": str(Path(base).resolve())})
 
 
