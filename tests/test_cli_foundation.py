@@ -56,7 +56,7 @@ def test_convert_official_pth_round_trip(tmp_path):
     """An official .pth state dict becomes our safetensors checkpoint with the recipe inside; outputs unchanged."""
     from safetensors import safe_open
 
-    with safe_open(str(DATA / "official_class_null_noconv_mlptime.safetensors"), framework="pt") as f:
+    with safe_open(str(DATA / "official_uvit_class_null_noconv_mlptime.safetensors"), framework="pt") as f:
         sd = {k[3:]: f.get_tensor(k) for k in f.keys() if k.startswith("sd.")}
         x, t, y, want = (f.get_tensor(k) for k in ("in.x", "in.t", "in.y", "out"))
     pth = tmp_path / "nnet_ema.pth"

@@ -31,7 +31,7 @@ def _read_vectors(path):
     return json.loads(meta["official_kwargs"]), sd, tensors
 
 
-@pytest.mark.parametrize("path", sorted(DATA.glob("official_*.safetensors")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted(DATA.glob("official_uvit_*.safetensors")), ids=lambda p: p.stem)
 def test_forward_equals_official(path):
     """Weights saved by the official code load strictly and give the official output within 1e-5 (fp32, CPU)."""
     kw, sd, t = _read_vectors(path)
