@@ -132,6 +132,10 @@ def plot_factor(suite: Suite, factor: Factor, rows: list[dict], path: Path) -> P
     positive = ys and min(ys) > 0
     if positive and max(ys) / min(ys) > 4:  # early evaluations dwarf the final gaps on a linear axis
         ax.set_yscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("training iterations")
     ax.set_ylabel(f"{suite.metric_label} ({'lower' if suite.lower_is_better else 'higher'} is better)", fontsize=8)
@@ -222,8 +226,9 @@ def write_table(suite: Suite, rows: list[dict], out_dir: Path) -> Path:
              f"variants are ranked at step {suite.ranked_at:,} of {suite.steps:,} (evaluated every "
              f"{suite.eval_every:,}). Every variant trains with the same seed and data order.", "",
              f"**Claims:** `A > B` holds when A is better than B by more than {tol:g} % (the tie tolerance), "
-             f"`A >= B` when A is not worse by more than {tol:g} %, `A ~ B` when they are within {tol:g} %. "
-             "Time is the training + evaluation wall time of the variant.", ""]
+             f"`A >= B` when A is not worse by more than {tol:g} %, `A ~ B` when they are within {tol:g} %. Gaps are "
+             "relative to the larger of the two values. Time is the training + evaluation wall time of the variant.",
+             ""]
     body, summary = [], ["| factor | paper's finding | reproduced here |", "|---|---|---|"]
     for factor in suite.factors.values():
         lines, v = factor_section(suite, factor, rows, out_dir)

@@ -46,7 +46,7 @@ def ablate_cmd(
       uvit ablate recipes/ablations/digits_scaling.yaml --only depth --steps 200 --eval-every 50
       uvit ablate cifar10_fig2 --nproc-per-node 8 --set data.source=/data/cifar10 --resume
     """
-    from ..ablation import load_suite, run_suite, select_variants, write_report
+    from ..ablation import load_suite, run_suite, select_variants, variant_recipe, write_report
     from ..ablation.suite import SUITE_COPY
 
     setup_logging(verbose)
@@ -63,6 +63,8 @@ def ablate_cmd(
         paths = write_report(suite, out)
         console.print(f"report: [bold]{paths['table']}[/] ({len(paths['figures'])} figures, {paths['results']})")
         return
+    for name in names:  # a bad overlay fails here, before any progress display or training
+        variant_recipe(suite, name, overrides)
     if nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
         from ..distributed import launch_torchrun
 
