@@ -149,6 +149,9 @@ def test_only_filters_and_an_interrupted_variant_continues_exactly(tmp_path, cap
     ({"variants": {"base": {}, "skip_none": {"modle.skip": "none"}}}, ["skip_none", "modle", "'model'"]),
     ({"metric": "fid"}, ["metric 'fid'", "fd_digits"]),
     ({"metric": "acc_digits"}, ["acc_digits"]),   # unconditional samples have no class accuracy
+    # an Inception suite whose reference is missing fails before training, not after it
+    ({"metric": "fid", "overrides": {**TINY, "eval.mode": "pytorch_fid", "eval.ref": "missing_stats.npz"}},
+     ["monitor cannot score variant 'base'", "missing_stats.npz"]),
 ])
 def test_bad_variant_overlays_name_the_variant_and_the_key(tmp_path, capsys, change, words):
     code, text = run([write_suite(tmp_path, **change), "--out", tmp_path / "o"], capsys)

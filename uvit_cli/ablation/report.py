@@ -41,7 +41,7 @@ def collect_results(suite: Suite, out_dir: str | Path) -> list[dict]:
                           if k.startswith("monitor/") and isinstance(v, (int, float)) and not isinstance(v, bool)}
                 if suite.metric not in values or m.get("step", 0) > suite.steps:
                     continue
-                protocol = m.get("monitor_protocol") or {}
+                protocol = m.get("monitor_protocol") or m.get("monitor/protocol") or {}  # the older runs used the latter
                 rows.append({"suite": suite.name, "factor": fname, "variant": variant, "label": label,
                              "step": m["step"], "metric": suite.metric, "value": values[suite.metric], **values,
                              "eval_samples": protocol.get("count"), "wall_s": wall.get(m["step"])})

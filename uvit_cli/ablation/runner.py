@@ -65,7 +65,25 @@ def _final_eval(recipe: Recipe, run_dir: Path, suite: Suite, device) -> None:
         return
     model = build_model(recipe).to(device)
     load_into(model, sd, str(run_dir / RUN_EMA))
-    MetricsLog(run_dir).write({"step": suite.steps, **_monitor(model.eval(), recipe, device)})
+    result = _monitor(model.eval(), recipe, device)
+    if result is not None:
+        MetricsLog(run_dir).write({"step": suite.steps, **result})
+
+
+def check_monitor(recipe: Recipe, variant: str, device) -> None:
+    """Score a few samples of an untrained model with the suite's protocol, so a missing reference or Inception
+    weights fail before hours of training rather than leaving the suite without a metric."""
+    from ..build import build_model
+    from ..metrics import evaluate_model
+    from ..recipe import replace
+
+    quick = replace(recipe, sample={"steps": min(recipe.sample.steps, 2)})
+    try:
+        evaluate_model(build_model(quick).to(device).eval(), quick, num_samples=4, device=device)
+    except UvitError as e:
+        raise UvitError(f"the monitor cannot score variant {variant!r} ({e}); an ablation suite needs it: fix "
+                        "eval.ref / eval.mode, or the missing weights, in the suite's overrides or with --set") \
+            from None
 
 
 def run_suite(suite: Suite, out_dir: str | Path, *, only: Optional[list[str]] = None, resume: bool = False,
@@ -94,6 +112,16 @@ def run_suite(suite: Suite, out_dir: str | Path, *, only: Optional[list[str]] = 
         from ..recipe import load_recipe
 
         check_resume_compatible(load_recipe(run_dir_of(out_dir, n) / "recipe.yaml"), recipes[n], run_dir_of(out_dir, n))
+    todo = [n for n in names if plan[n][0] != "done"]
+    error = None
+    if dist.is_main() and todo:
+        try:
+            check_monitor(recipes[todo[0]], todo[0], dev)
+        except UvitError as e:
+            error = str(e)
+    error = dist.broadcast_object(error)  # every rank stops, not only rank 0
+    if error:
+        raise UvitError(error)
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         _write_suite_copy(suite, out_dir)
