@@ -263,6 +263,15 @@ def test_cli_default_output_is_a_grid(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "grid.png").exists()
 
 
+def test_cli_grid_gives_each_cycled_class_a_column(tmp_path, capsys, monkeypatch):
+    ck = _ckpt(tmp_path, class_recipe())
+    monkeypatch.chdir(tmp_path)
+    assert _run(["sample", str(ck), "--class", "0,1", "--seeds", "0-5", "--out", "cycled.png"], capsys)[0] == 0
+    assert _run(["sample", str(ck), "--class", "balanced", "--seeds", "0-5", "--out", "square.png"], capsys)[0] == 0
+    (w2, h2), (w3, h3) = Image.open(tmp_path / "cycled.png").size, Image.open(tmp_path / "square.png").size
+    assert w2 < h2 and w3 > h3       # 2 columns x 3 rows (one per class) vs the near-square 3 x 2
+
+
 @pytest.mark.parametrize("args,message", [
     (["--class", "10"], "class id 10 is out of range: this model has classes 0..9"),
     (["--class", "golden retriever"], "class names are ImageNet's"),

@@ -210,12 +210,15 @@ def sample_cmd(
     device = _device(device)
 
     cond, labels, captions, null_context = None, None, None, None
+    cycle = 0                                     # a cycled list of K classes or prompts: one grid column each
     if kind == "class":
         if not classes:
             log.info("no --class given: drawing a random class for each seed")
         ids = class_ids_for(classes or ["random"], seeds, recipe.model.num_classes)
         cond, labels = torch.tensor(ids, dtype=torch.long), ids
         captions = [_class_label(k, recipe.model.num_classes) for k in ids]
+        if classes and _class_tokens(classes)[0] not in ("random", "balanced"):
+            cycle = len(_class_tokens(classes))
     elif kind == "text":
         if not prompt_list:
             raise UvitError("this model is text-conditional: pass --prompt TEXT or --prompts-file FILE")
@@ -227,6 +230,7 @@ def sample_cmd(
         cond = feats[[index[p] for p in per_seed]]
         null_context = feats[index[""]] if w != 1.0 else None
         captions = per_seed
+        cycle = len(prompt_list)
     else:
         captions = [f"seed {s}" for s in seeds]
     decoder = None
@@ -254,7 +258,8 @@ def sample_cmd(
         if len(images) > GRID_MAX:
             log.warning("the grid shows the first %d of %d samples; use --out-dir or --npz for all", GRID_MAX,
                         len(images))
-        save_grid(images[:GRID_MAX], grid_path, captions[:GRID_MAX])
+        cols = cycle if 2 <= cycle <= 16 and len(images) > cycle else None
+        save_grid(images[:GRID_MAX], grid_path, captions[:GRID_MAX], ncols=cols)
         written.append(f"grid {grid_path}")
     if out_dir is not None:
         save_pngs(images, out_dir, seeds)
