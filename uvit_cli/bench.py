@@ -142,8 +142,14 @@ def machine() -> dict:
     """What ran the benchmark, for the record."""
     import platform
 
-    info = {"torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor() or
-            platform.machine(), "threads": torch.get_num_threads()}
+    cpu = platform.processor() or platform.machine()
+    try:                                          # Linux names the CPU model here; elsewhere keep the platform's
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu,
+            "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -1,4 +1,5 @@
-"""Benchmark: guided sampling with one batched bf16 forward vs. the straightforward two fp32 forwards per step.
+"""Benchmark: guided sampling with one batched bf16 forward vs. the straightforward two fp32 forwards per step,
+and the VAE decode that turns sampled latents into images.
 
 Both paths run the same sampler from the same initial noise for the same NFE; the result says how much faster the
 batched bf16 path is and how far its images are from the fp32 ones (bf16 keeps 8 significant bits: 2^-8 = 0.4%).
@@ -106,3 +107,52 @@ def bench_guided_sampling(recipe: Recipe | None = None, *, batch: int = 2, steps
     log.info("guided sampling: baseline %.2fs, batched bf16 %.2fs (%.2fx)", best["baseline"], best["fast"],
              result["speedup"])
     return result
+
+
+def bench_vae_decode(vae="sd", *, latent_size: int = 32, batch: int = 1, precisions=("fp32", "bf16"),
+                     device: str = "cpu", repeats: int = 3) -> list[dict]:
+    """Images/s of the VAE decoder on ``latent_size``^2 latents (32 -> 256 px for the SD VAE), per precision.
+
+    ``vae``: "sd" (the Stable Diffusion VAE architecture with random weights: speed does not depend on the values)
+    or an :class:`~uvit_cli.autoencoder.Autoencoder`. Median of ``repeats`` timed decodes after one warm-up.
+    """
+    import statistics
+    from contextlib import nullcontext
+
+    from .autoencoder import SD_VAE_CONFIG, Autoencoder
+    from .train import AUTOCAST
+
+    dev = torch.device(device)
+    if isinstance(vae, str):
+        if vae != "sd":
+            raise ValueError(f"unknown VAE {vae!r}: pass 'sd' or an Autoencoder")
+        torch.manual_seed(0)
+        vae = Autoencoder.from_config(SD_VAE_CONFIG, 0.18215, name="sd (random weights)")
+    vae.vae.to(dev)
+    z = torch.randn(batch, vae.latent_channels, latent_size, latent_size, generator=torch.Generator().manual_seed(0))
+    z = z.to(dev)
+    rows = []
+    for precision in precisions:
+        amp = AUTOCAST[precision]
+        ctx = (lambda: torch.autocast(dev.type, dtype=amp)) if amp is not None else nullcontext
+
+        def decode():
+            with ctx():
+                return vae.decode(z)
+
+        decode()                                  # warm-up
+        secs = []
+        for _ in range(repeats):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            images = decode()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            secs.append(time.perf_counter() - t0)
+        med = statistics.median(secs)
+        rows.append({"vae": vae.name, "precision": precision, "batch": batch, "latent_size": latent_size,
+                     "image_size": int(images.shape[-1]), "sec_per_batch": med, "img_per_s": batch / med,
+                     "runs": secs})
+        log.info("VAE decode %s: %.2f img/s (%dpx)", precision, batch / med, images.shape[-1])
+    return rows

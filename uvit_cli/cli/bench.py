@@ -42,6 +42,8 @@ def bench_cmd(
                                "written out as softmax(QK^T)V) in fp32, the CPU baseline"),
     batches: str = typer.Option("", "--batches", help="scaling suite: batch sizes, e.g. 1,4,16"),
     patch_sizes: str = typer.Option("", "--patch-sizes", help="scaling suite: patch sizes, e.g. 1,2,4,8"),
+    vae_batch: int = typer.Option(0, "--vae-batch", min=0, help="sample suite: VAE decode batch (0: 8 on GPU, "
+                                  "1 on CPU)"),
     iters: int = typer.Option(0, "--iters", min=0, help="timed steps per run (0: 10 on GPU, 3 on CPU)"),
     repeats: int = typer.Option(3, "--repeats", min=1, help="runs per measurement; the median is reported"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write every number to this JSON file"),
@@ -52,6 +54,7 @@ def bench_cmd(
       uvit bench cifar10_uvit_s2 --device cpu --batch 8 --precision fp32,bf16 --naive
       uvit bench imagenet256_uvit_h2 --device cuda --batch 128 --precision bf16 --compile both --grad-ckpt both
       uvit bench digits_uvit_tiny --suite scaling --batches 8,32,128 --patch-sizes 1,2,4
+      uvit bench imagenet256_uvit_h2 --suite sample --device cuda   (guided DPM-Solver, then SD-VAE decode)
     """
     import torch
 
@@ -130,12 +133,25 @@ def bench_cmd(
         console.print(table)
 
     if "sample" in suites:
-        from ..bench_sampling import bench_guided_sampling
+        from ..bench_sampling import bench_guided_sampling, bench_vae_decode
 
         r = bench_guided_sampling(recipe if recipe.has_null_condition and recipe.model.num_classes else None,
                                   device=str(dev), repeats=repeats)
         result["sample"] = r
         console.print_json(json.dumps(r, default=str))
+        # The VAE decode after sampling: the recipe's latent grid, or 32x32 (256 px) for a pixel-space recipe.
+        latent = recipe.model.img_size if recipe.model.in_chans == 4 else 32
+        decode_precs = [p for p in precs if p != "fp16" or gpu]
+        rows = bench_vae_decode("sd", latent_size=latent, batch=vae_batch or (8 if gpu else 1),
+                                precisions=decode_precs, device=str(dev), repeats=repeats)
+        result["vae_decode"] = rows
+        table = Table(title=f"SD-VAE decode, {latent}x{latent} latents, {dev} (median of {repeats})")
+        for col in ("precision", "batch", "image px", "s/batch", "img/s"):
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(r["precision"], str(r["batch"]), str(r["image_size"]), f"{r['sec_per_batch']:.3f}",
+                          f"{r['img_per_s']:.2f}")
+        console.print(table)
 
     if "encode" in suites:
         from ..data.encode_benchmark import bench_encode
@@ -148,7 +164,7 @@ def bench_cmd(
     if "features" in suites:
         from ..metrics.benchmark import bench_features
 
-        result["features"] = bench_features(device=str(dev))
+        result["features"] = bench_features(device=str(dev), repeats=repeats)
         console.print_json(json.dumps(result["features"], default=str))
 
     if json_out:

@@ -1,0 +1,91 @@
+"""`uvit bench` on a tiny model: every suite it reports is measured, consistent, and written to JSON."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from uvit_cli.autoencoder import Autoencoder
+from uvit_cli.bench import bench_train, use_naive_attention
+from uvit_cli.bench_sampling import bench_vae_decode
+from uvit_cli.build import build_model
+from uvit_cli.cli import app, main
+from uvit_cli.data.encode_benchmark import TINY_BENCH_VAE
+from uvit_cli.flops import example_inputs
+from uvit_cli.recipe import load_recipe
+
+runner = CliRunner()
+
+
+def test_bench_cli_runs_peak_train_scaling_and_writes_consistent_json(tmp_path):
+    out = tmp_path / "bench.json"
+    res = runner.invoke(app, ["bench", "digits_uvit_tiny", "--device", "cpu", "--batch", "4", "--iters", "1",
+                              "--repeats", "2", "--suite", "peak,train,scaling", "--precision", "fp32,bf16",
+                              "--naive", "--batches", "2,4", "--patch-sizes", "2,4", "--json", str(out)],
+                        terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "matmul peak" in res.output and "training step" in res.output and "scaling" in res.output
+    data = json.loads(out.read_text())
+    assert data["model"] == "U-ViT-Tiny/2" and data["device"] == "cpu" and data["machine"]["cpu"]
+    peaks = data["matmul_peak_tflops"]
+    assert set(peaks) == {"fp32", "bf16"} and all(v > 0 for v in peaks.values())
+
+    rows = data["train"]
+    assert [(r["precision"], r["naive_attention"]) for r in rows] == [("fp32", False), ("bf16", False),
+                                                                       ("fp32", True)]
+    for r in rows:
+        assert len(r["runs"]) == 2 and r["sec_per_step"] == pytest.approx(sorted(r["runs"])[0] / 2 +
+                                                                          sorted(r["runs"])[1] / 2)
+        assert r["img_per_s"] == pytest.approx(4 / r["sec_per_step"])
+        assert r["mfu"] == pytest.approx(r["tflops"] / peaks[r["precision"]])
+        assert 0 < r["mfu"] < 2
+
+    scaling = data["scaling"]
+    assert [(r["axis"], r["batch"]) for r in scaling] == [("batch", 2), ("batch", 4), ("patch_size", 4),
+                                                          ("patch_size", 4)]
+    by_patch = {r["patch_size"]: r for r in scaling if r["axis"] == "patch_size"}
+    assert by_patch[2]["tokens"] == 16 and by_patch[4]["tokens"] == 4     # 8x8 digits: (8 / p)^2 patches
+    # FLOPs are measured per configuration: four times the tokens cost more than the same model at p=4
+    assert by_patch[2]["tflops"] * by_patch[2]["sec_per_step"] > by_patch[4]["tflops"] * by_patch[4]["sec_per_step"]
+
+
+def test_bench_cli_names_a_bad_suite(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "digits_uvit_tiny", "--suite", "train,speed"])
+    out = capsys.readouterr()
+    assert e.value.code != 0 and "unknown speed" in out.err + out.out and "features" in out.err + out.out
+    assert "Traceback" not in out.err
+
+
+def test_naive_baseline_is_the_same_model():
+    """The CPU baseline differs only in how attention is computed: same outputs, so the timing compares like for like."""
+    recipe = load_recipe("cifar10_uvit_s2", ["model.num_layers=3", "model.embed_dim=64", "model.num_heads=4"])
+    torch.manual_seed(0)
+    model = build_model(recipe).eval()
+    x, t, y = example_inputs(model, 2)
+    with torch.no_grad():
+        ref = model(x, t, y) if y is not None else model(x, t)
+        use_naive_attention(model)
+        naive = model(x, t, y) if y is not None else model(x, t)
+    assert torch.allclose(naive, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_bench_train_counts_flops_of_the_configuration():
+    recipe = load_recipe("digits_uvit_tiny")
+    a = bench_train(recipe, batch=2, iters=1, repeats=1, warmup=0)
+    b = bench_train(recipe, batch=4, iters=1, repeats=1, warmup=0)
+    # TFLOP/s x seconds = FLOPs per step, which doubles with the batch
+    assert b["tflops"] * b["sec_per_step"] == pytest.approx(2 * a["tflops"] * a["sec_per_step"], rel=1e-6)
+
+
+def test_vae_decode_bench_reports_each_precision():
+    torch.manual_seed(0)
+    vae = Autoencoder.from_config(TINY_BENCH_VAE, 0.18215, name="tiny")
+    rows = bench_vae_decode(vae, latent_size=4, batch=2, precisions=("fp32", "bf16"), repeats=2)
+    assert [r["precision"] for r in rows] == ["fp32", "bf16"]
+    for r in rows:
+        assert r["image_size"] == 32 and r["vae"] == "tiny"          # four levels: 8x upsampling
+        assert r["img_per_s"] == pytest.approx(2 / r["sec_per_batch"]) and len(r["runs"]) == 2
+    with pytest.raises(ValueError, match="unknown VAE"):
+        bench_vae_decode("xl")
