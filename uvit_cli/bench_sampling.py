@@ -120,6 +120,7 @@ def bench_vae_decode(vae="sd", *, latent_size: int = 32, batch: int = 1, precisi
     from contextlib import nullcontext
 
     from .autoencoder import SD_VAE_CONFIG, Autoencoder
+    from .bench import timed
     from .train import AUTOCAST
 
     dev = torch.device(device)
@@ -140,19 +141,10 @@ def bench_vae_decode(vae="sd", *, latent_size: int = 32, batch: int = 1, precisi
             with ctx():
                 return vae.decode(z)
 
-        decode()                                  # warm-up
-        secs = []
-        for _ in range(repeats):
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t0 = time.perf_counter()
-            images = decode()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            secs.append(time.perf_counter() - t0)
+        secs = timed(decode, dev, warmup=1, iters=1, repeats=repeats)
         med = statistics.median(secs)
+        size = latent_size * vae.downsample
         rows.append({"vae": vae.name, "precision": precision, "batch": batch, "latent_size": latent_size,
-                     "image_size": int(images.shape[-1]), "sec_per_batch": med, "img_per_s": batch / med,
-                     "runs": secs})
-        log.info("VAE decode %s: %.2f img/s (%dpx)", precision, batch / med, images.shape[-1])
+                     "image_size": size, "sec_per_batch": med, "img_per_s": batch / med, "runs": secs})
+        log.info("VAE decode %s: %.2f img/s (%dpx)", precision, batch / med, size)
     return rows
