@@ -42,7 +42,7 @@ def ablate_cmd(
     """Train the variants of an ablation suite with one seed and data order, then plot and rank them.
 
     Examples:
-      OMP_NUM_THREADS=1 uvit ablate digits_fig2 --out runs/digits_fig2   (CPU: one thread per process is fastest)
+      uvit ablate digits_fig2 --out runs/digits_fig2   (41 min on 2 CPU cores; on a busy CPU: OMP_NUM_THREADS=1)
       uvit ablate recipes/ablations/digits_scaling.yaml --only depth --steps 200 --eval-every 50
       uvit ablate cifar10_fig2 --nproc-per-node 8 --set data.source=/data/cifar10 --resume
     """
