@@ -217,8 +217,9 @@ def sample_cmd(
         ids = class_ids_for(classes or ["random"], seeds, recipe.model.num_classes)
         cond, labels = torch.tensor(ids, dtype=torch.long), ids
         captions = [_class_label(k, recipe.model.num_classes) for k in ids]
-        if classes and _class_tokens(classes)[0] not in ("random", "balanced"):
-            cycle = len(_class_tokens(classes))
+        tokens = _class_tokens(classes or [])
+        if tokens and tokens[0] not in ("random", "balanced"):
+            cycle = len(tokens)
     elif kind == "text":
         if not prompt_list:
             raise UvitError("this model is text-conditional: pass --prompt TEXT or --prompts-file FILE")
