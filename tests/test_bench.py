@@ -7,13 +7,15 @@ import torch
 from typer.testing import CliRunner
 
 from uvit_cli.autoencoder import Autoencoder
-from uvit_cli.bench import bench_train, use_naive_attention
-from uvit_cli.bench_sampling import bench_vae_decode
+from uvit_cli.bench.encode import TINY_BENCH_VAE
+from uvit_cli.bench.sample import bench_guided_sampling, bench_vae_decode
+from uvit_cli.bench.train import bench_train, use_naive_attention
 from uvit_cli.build import build_model
 from uvit_cli.cli import app, main
-from uvit_cli.data.encode_benchmark import TINY_BENCH_VAE
 from uvit_cli.flops import example_inputs
 from uvit_cli.recipe import load_recipe
+
+from sampling_fixtures import class_recipe
 
 runner = CliRunner()
 
@@ -89,3 +91,11 @@ def test_vae_decode_bench_reports_each_precision():
         assert r["img_per_s"] == pytest.approx(2 / r["sec_per_batch"]) and len(r["runs"]) == 2
     with pytest.raises(ValueError, match="unknown VAE"):
         bench_vae_decode("xl")
+
+
+def test_bench_guided_sampling_runs_both_paths_at_equal_nfe():
+    r = bench_guided_sampling(class_recipe(), batch=2, steps=3, repeats=2)
+    assert r["nfe"] == 3 and r["baseline_s"] > 0 and r["fast_s"] > 0 and "batched_fp32_s" in r
+    assert r["speedup"] == pytest.approx(r["baseline_s"] / r["fast_s"])
+    assert len(r["runs"]["baseline"]) == 2 and r["baseline_s"] == pytest.approx(sum(r["runs"]["baseline"]) / 2)
+    assert r["eps_rel_err"] < 0.05 and r["sample_rel_err"] < 0.05  # bf16: a few x 2^-8

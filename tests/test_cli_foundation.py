@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from typer.testing import CliRunner
 
-from uvit_cli.checkpoint import load_model, read_metadata
+from uvit_cli.build import load_model
+from uvit_cli.checkpoint import read_metadata
 from uvit_cli.cli import app
 from uvit_cli.recipe import load_recipe
 

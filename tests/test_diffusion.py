@@ -54,12 +54,12 @@ def test_time_conventions():
     vp, d = VPSchedule(), DiscreteSchedule()
     assert float(vp.net_time(0.5)) == pytest.approx(499.5)       # the network sees 999 t
     assert float(d.net_time(0.25)) == pytest.approx(250.0)       # the network sees N t (sampling)
-    torch.manual_seed(0)
-    t, net = d.train_times(4096, "cpu")
+    u = torch.rand(4096, generator=torch.Generator().manual_seed(0))
+    t, net = d.times_from_uniform(u)
     assert net.dtype == torch.float32 and torch.equal(net, net.round())
     assert int(net.min()) == 1 and int(net.max()) == 1000        # n uniform in {1..N}
     assert torch.allclose(t * 1000, net.double())
-    t, net = vp.train_times(4096, "cpu")
+    t, net = vp.times_from_uniform(u)
     assert 0 <= float(t.min()) and float(t.max()) < 1 and torch.allclose(net, 999 * t)
 
 
@@ -70,8 +70,9 @@ def test_defaults_end_times_follow_the_official_runs():
 
 
 @pytest.mark.parametrize("schedule", [VPSchedule(), DiscreteSchedule()])
-def test_loss_draws_t_then_noise_and_is_a_per_sample_mean(schedule):
-    x0 = torch.randn(5, 3, 4, 4)
+def test_loss_noises_at_the_given_draws_and_is_a_per_sample_mean(schedule):
+    g = torch.Generator().manual_seed(7)
+    x0, noise, u = torch.randn(5, 3, 4, 4, generator=g), torch.randn(5, 3, 4, 4, generator=g), torch.rand(5, generator=g)
     y = torch.arange(5)
     seen = {}
 
@@ -79,13 +80,9 @@ def test_loss_draws_t_then_noise_and_is_a_per_sample_mean(schedule):
         seen.update(xt=xt, t_net=t_net, y=y)
         return torch.full_like(xt, 0.1)
 
-    torch.manual_seed(7)
-    loss = schedule.loss(model, x0, y)
+    loss = schedule.loss(model, x0, y, u, noise)
     assert loss.shape == (5,)
-    # Redraw in the documented order from the same RNG state: t, then the noise.
-    torch.manual_seed(7)
-    t, t_net = schedule.train_times(5, "cpu")
-    noise = torch.randn_like(x0)
+    t, t_net = schedule.times_from_uniform(u)
     a = schedule.marginal_alpha(t).float().view(-1, 1, 1, 1)
     s = schedule.marginal_sigma(t).float().view(-1, 1, 1, 1)
     assert torch.allclose(seen["xt"], a * x0 + s * noise, atol=1e-6)

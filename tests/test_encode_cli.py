@@ -90,7 +90,7 @@ def test_clear_errors_before_work(tmp_path, assets, monkeypatch, args, message):
 # Runs the real CLI in a child process, with image loading slowed down so that the kill lands mid-run.
 SLOW_CLI = """
 import sys, time
-import uvit_cli.data.images as images
+import uvit_cli.data.sources as images
 load = images.FileSource.load
 def slow_load(self, i):
     time.sleep(float(sys.argv[1]))

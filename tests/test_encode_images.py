@@ -9,8 +9,9 @@ import pytest
 from encode_fixtures import coco_tree, imagenet_tree, rand_image
 from PIL import Image
 
-from uvit_cli.data.images import (BadImage, CroppedImages, adm_center_crop, center_crop_lanczos, collate, open_coco,
-                                  open_folder, open_image, open_imagenet)
+from uvit_cli.data.crops import adm_center_crop, center_crop_lanczos
+from uvit_cli.data.sources import (BadImage, CroppedImages, collate, open_coco, open_folder, open_image,
+                                   open_imagenet)
 from uvit_cli.errors import UvitError
 
 DATA = Path(__file__).parent / "data"

@@ -15,7 +15,8 @@ from PIL import Image
 
 from uvit_cli.autoencoder import Autoencoder
 from uvit_cli.data.encoding import encode_latents, finalize
-from uvit_cli.data.images import adm_center_crop, center_crop_lanczos, open_coco, open_image, open_imagenet
+from uvit_cli.data.crops import adm_center_crop, center_crop_lanczos
+from uvit_cli.data.sources import open_coco, open_image, open_imagenet
 from uvit_cli.data.latents import check_latents_against_recipe, open_latents, verify_latents
 from uvit_cli.errors import UvitError
 from uvit_cli.recipe import load_recipe, replace
@@ -207,7 +208,7 @@ def test_reader_keeps_a_bounded_number_of_shards_open(tmp_path, vae, inet):
 
 
 def test_bench_encode_reports_both_throughputs(tmp_path, vae):
-    from uvit_cli.data.encode_benchmark import bench_encode
+    from uvit_cli.bench.encode import bench_encode
 
     r = bench_encode(vae, resolution=32, batch_size=2, num_batches=2, num_workers=0, image_size=(40, 30),
                      rounds=2, workdir=tmp_path)

@@ -170,7 +170,8 @@ def test_evaluate_model_digits_protocol_and_batch_independence(classifier):
 
 def test_uvit_fid_on_a_run_directory_samples_then_scores(tmp_path, monkeypatch, classifier):
     from uvit_cli.build import build_model
-    from uvit_cli.checkpoint import RUN_EMA, save_weights
+    from uvit_cli.checkpoint import save_weights
+    from uvit_cli.run import RUN_EMA
     from uvit_cli.recipe import dump_recipe
     from uvit_cli.run import write_recipe
 

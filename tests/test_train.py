@@ -145,15 +145,22 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
     import uvit_cli.train as T
 
     r = tiny_recipe("train.steps=20", "train.save_every=5", "train.log_every=5")
-    real = T.training_loss
+    real = T.build_schedule
     calls = {"n": 0}
 
-    def poisoned(*args):
-        calls["n"] += 1
-        out = real(*args)
-        return out * float("nan") if calls["n"] > 7 else out
+    def poisoned_schedule(recipe):
+        schedule = real(recipe)
+        loss = schedule.loss
 
-    monkeypatch.setattr(T, "training_loss", poisoned)
+        def poisoned(*args):
+            calls["n"] += 1
+            out = loss(*args)
+            return out * float("nan") if calls["n"] > 7 else out
+
+        schedule.loss = poisoned
+        return schedule
+
+    monkeypatch.setattr(T, "build_schedule", poisoned_schedule)
     with pytest.raises(UvitError, match="NaN or inf"):
         train(r, tmp_path, device="cpu")
     assert [s for s, _ in list_states(tmp_path)] == [5]

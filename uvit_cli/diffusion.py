@@ -59,10 +59,6 @@ class NoiseSchedule:
         """(t, network time) of the training time draw for uniform u in [0, 1), one per sample."""
         raise NotImplementedError
 
-    def train_times(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t, network time) for a training batch, drawn from torch's global RNG on ``device``."""
-        return self.times_from_uniform(torch.rand(batch, device=device))
-
     def default_t_end(self, sampler: str) -> float:
         """The end time the official runs sample to."""
         raise NotImplementedError
@@ -95,17 +91,15 @@ class NoiseSchedule:
         t, t_net = self.times_from_uniform(u.to(x0.device))
         return self.q_sample(x0, t, noise), t_net
 
-    def loss(self, model, x0: torch.Tensor, y=None) -> torch.Tensor:
-        """Per-sample noise-prediction MSE (B,), mean over C, H, W (official ``LSimple``).
+    def loss(self, net, x0: torch.Tensor, y, u: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The training loss: per-sample noise-prediction MSE (B,), mean over C, H, W (official ``LSimple``).
 
-        Draws t (via a uniform u), then the noise, from torch's global RNG on x0's device (the official order), so
-        a trainer that checkpoints the RNG state resumes exactly. ``training_inputs`` is the same with given draws.
+        Every draw is given (the training stream's time draw u and noise), so a step is a function of its inputs;
+        ``train()`` and ``uvit bench`` both call this.
         """
-        t, t_net = self.train_times(x0.shape[0], x0.device)
-        noise = torch.randn_like(x0)
-        xt = self.q_sample(x0, t, noise)
-        pred = model(xt, t_net, y) if y is not None else model(xt, t_net)
-        return (noise - pred.float()).pow(2).flatten(1).mean(1)
+        x_t, t_net = self.training_inputs(x0, u, noise)
+        eps = net(x_t, t_net, y)
+        return (eps.float() - noise.float()).square().flatten(1).mean(1)
 
 
 class VPSchedule(NoiseSchedule):

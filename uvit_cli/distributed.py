@@ -16,6 +16,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from .runtime import resolve_device
+
 log = logging.getLogger(__name__)
 
 
@@ -35,18 +37,15 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init(device: str = "auto") -> torch.device:
-    """Start the process group when launched by torchrun and return this process's device."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+def init(device: str | torch.device = "auto", timeout_minutes: float = 30.0) -> torch.device:
+    """Start the process group when launched by torchrun and return this process's device (CUDA devices take
+    LOCAL_RANK). ``timeout_minutes`` bounds every collective: a dead rank is an error, not a hang."""
+    dev = resolve_device(device)
     if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if is_distributed() and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=dev if dev.type == "cuda" else None)
         log.info("process group: %s, rank %d of %d, device %s", backend, rank(), world_size(), dev)
     return dev

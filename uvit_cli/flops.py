@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -23,8 +25,6 @@ def forward_flops(model, batch: int = 1) -> int:
     """FLOPs of one forward pass (a multiply-add counts 2), counted on the meta device so any size is instant."""
     meta = model if next(model.parameters()).device.type == "meta" else None
     if meta is None:
-        import copy
-
         meta = copy.deepcopy(model).to("meta")
     x, t, y = example_inputs(meta, batch, device="meta")
     counter = FlopCounterMode(display=False)

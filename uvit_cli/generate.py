@@ -2,7 +2,7 @@
 
 Sample i draws all its randomness (initial noise, any SDE noise) from ``torch.Generator().manual_seed(seeds[i])``
 on the CPU, and the network and the VAE decoder always see micro-batches of ``forward_batch`` samples (see
-``guidance.py``). So an image depends on its seed, the recipe, device and precision, and never on the batch size
+``noise_predictor.py``). So an image depends on its seed, the recipe, device and precision, and never on the batch size
 or the other seeds drawn with it.
 """
 
@@ -15,9 +15,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from .build import build_sampler, build_schedule, nfe_per_sample
 from .errors import UvitError
-from .guidance import PRECISIONS, ModelNoiseFn, _pad
-from .sampling import get_sampler, planned_nfe
+from .noise_predictor import NoisePredictor, pad_rows
+from .runtime import check_precision
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +41,6 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> tuple[torch.T
     feed any noise the sampler draws."""
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
-
-
-def sampler_settings(recipe, sampler: str | None = None, steps: int | None = None) -> dict:
-    """The sampler keyword arguments a recipe asks for (with optional sampler / steps overrides)."""
-    s = recipe.sample
-    return dict(sampler=sampler or s.sampler, steps=int(steps or s.steps), order=s.order, fast=s.fast,
-                spacing=s.spacing)
-
-
-def nfe_per_sample(recipe, sampler: str | None = None, steps: int | None = None) -> int:
-    """Network evaluations per sample trajectory (a guided evaluation is one batched forward of cond + uncond)."""
-    cfg = sampler_settings(recipe, sampler, steps)
-    return planned_nfe(cfg["sampler"], cfg["steps"], cfg["order"], cfg["fast"])
 
 
 def _check_condition(model, recipe, cond, n: int):
@@ -82,20 +70,17 @@ def _check_condition(model, recipe, cond, n: int):
     return cond.float()
 
 
-def _null_condition(model, recipe, w: float, null_context):
-    if w == 1.0:
+def _null_condition(model, recipe, null_context):
+    """The null condition guidance needs (the recipe validated that the model has one): the null class id, or
+    the empty-prompt context a text model's caller passes."""
+    if recipe.sample.cfg_scale == 1.0:
         return None
-    kind = recipe.conditioning
-    if kind == "class":
-        if getattr(model, "null_class_id", None) is None:
-            raise UvitError(f"guidance w={w:g} needs a model trained with a null class (model.null_class: true); "
-                            "sample with --cfg-scale 1")
+    if recipe.conditioning == "class":
         return int(model.null_class_id)
-    if kind == "text":
-        if null_context is None:
-            raise UvitError(f"guidance w={w:g} on a text model needs the empty-prompt context (null_context)")
-        return torch.as_tensor(null_context).float()
-    raise UvitError(f"guidance w={w:g} needs a conditional model; this one is unconditional: use --cfg-scale 1")
+    if null_context is None:
+        raise UvitError(f"guidance w={recipe.sample.cfg_scale:g} on a text model needs the empty-prompt context "
+                        "(null_context)")
+    return torch.as_tensor(null_context).float()
 
 
 def _decode(decoder, z: torch.Tensor, m: int) -> torch.Tensor:
@@ -104,47 +89,39 @@ def _decode(decoder, z: torch.Tensor, m: int) -> torch.Tensor:
     with torch.no_grad():
         for i in range(0, z.shape[0], m):
             k = min(m, z.shape[0] - i)
-            out.append(decoder.decode(_pad(z[i:i + k], m))[:k].float())
+            out.append(decoder.decode(pad_rows(z[i:i + k], m))[:k].float())
     return torch.cat(out)
 
 
-def generate(model, recipe, seeds: Sequence[int], cond=None, *, cfg_scale: float | None = None,
-             sampler: str | None = None, steps: int | None = None, batch_size: int | None = None,
-             device="cpu", precision: str = "fp32", decoder=None, null_context=None,
+def generate(model, recipe, seeds: Sequence[int], cond=None, *, batch_size: int | None = None, device="cpu",
+             precision: str = "fp32", decoder=None, null_context=None,
              progress: Callable[[int, int], None] | None = None, forward_batch: int | None = None,
              stats: dict | None = None) -> torch.Tensor:
-    """Draw one image per seed; returns uint8 (N, H, W, C).
+    """Draw one image per seed with ``recipe.sample`` (sampler, steps, guidance w); returns uint8 (N, H, W, C).
 
-    cond: None, class ids (N,) or text contexts (N, 77, D). cfg_scale: guidance w (default: the recipe's; 1 = off).
-    decoder: for latent models, an object whose ``decode(z)`` maps the model's scaled latents to [-1, 1] images.
-    precision: "fp32", "bf16" or "fp16" autocast for the network. progress(done, total) counts network
-    evaluations of a batch. ``stats``, if given, is filled with nfe (per sample), forwards, seconds and images/s.
+    cond: None, class ids (N,) or text contexts (N, 77, D). decoder: for latent models, an object whose
+    ``decode(z)`` maps the model's scaled latents to [-1, 1] images. precision: "fp32", "bf16" or "fp16" autocast
+    for the network. progress(done, total) counts network evaluations of a batch. ``stats``, if given, is filled
+    with nfe (per sample), forwards, seconds and images/s.
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise UvitError("no seeds to sample; pass e.g. --seeds 0-15")
-    if precision not in PRECISIONS:
-        raise UvitError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    check_precision(device, precision)
     if recipe.is_latent and decoder is None:
         raise UvitError("a latent model needs a decoder (the recipe's VAE) to turn latents into images")
     device = torch.device(device)
     n = len(seeds)
     cond = _check_condition(model, recipe, cond, n)
-    w = float(recipe.sample.cfg_scale if cfg_scale is None else cfg_scale)
-    null = _null_condition(model, recipe, w, null_context)
-    cfg = sampler_settings(recipe, sampler, steps)
-    try:
-        sample_fn = get_sampler(cfg["sampler"])
-    except ValueError as e:
-        raise UvitError(str(e)) from None
-    from .build import build_schedule
-
+    w = recipe.sample.cfg_scale
+    null = _null_condition(model, recipe, null_context)
+    sample_fn, kwargs = build_sampler(recipe)
     schedule = build_schedule(recipe)
     fb = int(forward_batch or default_forward_batch(device))
     bs = int(batch_size or recipe.sample.batch_size)
     bs = max(fb, math.ceil(bs / fb) * fb)  # whole micro-batches, so only the last batch is padded
     shape = (recipe.model.in_chans, recipe.model.img_size, recipe.model.img_size)
-    nfe = planned_nfe(cfg["sampler"], cfg["steps"], cfg["order"], cfg["fast"])
+    nfe = nfe_per_sample(recipe)
     batches = math.ceil(n / bs)
     total, done = nfe * batches, [0]
 
@@ -163,10 +140,9 @@ def generate(model, recipe, seeds: Sequence[int], cond=None, *, cfg_scale: float
             for b in range(0, n, bs):
                 x, gens = initial_noise(seeds[b:b + bs], shape)
                 c = None if cond is None else cond[b:b + bs].to(device)
-                fn = ModelNoiseFn(model, schedule, c, cfg_scale=w, null_cond=null, forward_batch=fb,
-                                  precision=precision, on_eval=on_eval)
-                z = sample_fn(fn, x.to(device), schedule, steps=cfg["steps"], order=cfg["order"], fast=cfg["fast"],
-                              spacing=cfg["spacing"], generators=gens)
+                fn = NoisePredictor(model, schedule, c, cfg_scale=w, null_cond=null, forward_batch=fb,
+                                    precision=precision, on_eval=on_eval)
+                z = sample_fn(fn, x.to(device), schedule, generators=gens, **kwargs)
                 forwards += fn.forwards
                 images = _decode(decoder, z, fb) if decoder is not None else z
                 out.append(quantize(images))
@@ -175,6 +151,7 @@ def generate(model, recipe, seeds: Sequence[int], cond=None, *, cfg_scale: float
     seconds = time.perf_counter() - t0
     if stats is not None:
         stats.update(nfe=nfe, forwards=forwards, batches=batches, seconds=seconds, images_per_s=n / max(seconds, 1e-9),
-                     sampler=cfg["sampler"], steps=cfg["steps"], cfg_scale=w, forward_batch=fb, batch_size=bs)
-    log.debug("sampled %d images with %s (%d NFE each) in %.1fs", n, cfg["sampler"], nfe, seconds)
+                     sampler=recipe.sample.sampler, steps=recipe.sample.steps, cfg_scale=w, forward_batch=fb,
+                     batch_size=bs)
+    log.debug("sampled %d images with %s (%d NFE each) in %.1fs", n, recipe.sample.sampler, nfe, seconds)
     return torch.cat(out)

@@ -6,10 +6,12 @@ Nothing downloads silently: a hub file is looked up in the local cache unless ``
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
+
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
 from .errors import UvitError
 
@@ -26,8 +28,6 @@ def downloads_allowed(explicit: bool | None = None) -> bool:
 
 
 def hub_cache_dir() -> str:
-    from huggingface_hub import constants
-
     return str(constants.HF_HUB_CACHE)
 
 
@@ -38,9 +38,6 @@ def hub_file(repo_id: str, filename: str, *, subfolder: str | None = None, allow
     Raises FileNotFoundError when the repo is reachable but lacks the file (callers try alternatives), and
     UvitError when the file is not cached and downloads are off (or the download fails).
     """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
     try:
         return Path(hf_hub_download(repo_id, filename, subfolder=subfolder or None,
                                     local_files_only=not allow_download))
@@ -57,15 +54,3 @@ def missing_message(spec: str, what: str, local_hint: str) -> str:
     """The one-line error for hub weights that are not in the local cache."""
     return (f"{what} {spec!r} is not in the local Hugging Face cache ({hub_cache_dir()}); {local_hint}, "
             f"or allow the download with --allow-download (or {ALLOW_ENV}=1)")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file, read in 4 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()

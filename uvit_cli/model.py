@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from .sizes import official_depth, size_kwargs, size_names
+from .registry import official_depth, size_kwargs, size_names
 
 SKIP_MODES = ("concat_linear", "add", "linear_skip", "linear_sum", "none")
 

@@ -17,11 +17,34 @@ from typing import Any, Literal
 import yaml
 
 from .errors import UvitError
-from .sizes import size_kwargs
+from .registry import VAES, size_kwargs
 
 
 class RecipeError(UvitError, ValueError):
     """A user's mistake in a recipe: the message names the file, the key and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Lists of choices: the one home of each. Modules that implement a choice keep a table keyed by these names, the
+# CLI derives its options from them, and tests/test_architecture.py asserts that every list agrees.
+# ---------------------------------------------------------------------------------------------------------------------
+
+Precision = Literal["fp32", "bf16", "fp16"]                 # autocast precision (runtime.DTYPES)
+SkipMode = Literal["concat_linear", "add", "linear_skip", "linear_sum", "none"]  # long-skip fusion (model.SKIP_MODES)
+Sampler = Literal["dpm_solver", "dpm_solver_pp", "dpm_solver_pp_2m", "euler_maruyama", "pf_ode_euler",
+                  "ddim"]                                   # sampling.SAMPLERS
+Spacing = Literal["auto", "logSNR", "time_uniform", "time_quadratic"]  # step spacing (sampling.time_grid)
+Crop = Literal["auto", "adm_center", "celeba", "center_lanczos", "none"]  # data/crops.CROPS (+ auto)
+Formulation = Literal["vp", "discrete"]                     # build.build_schedule
+EvalMode = Literal["pytorch_fid", "clean", "legacy_tensorflow", "digits"]  # metrics/features.MODES (+ digits)
+Metric = Literal["fid", "sfid", "is", "precision", "recall", "fd_digits", "acc_digits"]  # metrics/evaluate
+Weights = Literal["ema", "raw"]                             # which weights of a run directory
+DataName = Literal["digits", "cifar10", "celeba64", "imagenet64", "folder", "latents"]
+
+
+def choices(kind) -> tuple[str, ...]:
+    """The values of one of the Literal types above, e.g. ``choices(Sampler)``."""
+    return typing.get_args(kind)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -44,7 +67,7 @@ class ModelConfig:
     null_class: bool = False            # add the null-class row for guidance (official num_classes=1001 = 1000 + this)
     text_dim: int = 0                   # text-conditional when > 0: width of the text features (768 for CLIP ViT-L/14)
     text_tokens: int = 77               # number of text context tokens
-    skip: Literal["concat_linear", "add", "linear_skip", "linear_sum", "none"] = "concat_linear"  # long-skip fusion
+    skip: SkipMode = "concat_linear"    # long-skip fusion: Linear(concat(h_m, h_s)) (paper), add, ..., none
     time_cond: Literal["token", "adaln"] = "token"      # time as a token (paper) or through AdaLN in every block
     conv: Literal["after", "before", "none"] = "after"  # extra 3x3 conv: on the image after the patch decoder, on the token grid before it, or none
     patch_embed: Literal["linear", "conv"] = "linear"   # linear patch embedding (paper) or a 3x3-conv stack + 1x1 conv
@@ -54,21 +77,21 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: Literal["digits", "cifar10", "celeba64", "imagenet64", "folder", "latents"] = "cifar10"  # data set kind (defaults describe the paper CIFAR10 run)
+    name: DataName = "cifar10"          # data set kind (the defaults describe the paper's CIFAR10 run)
     source: str = ""                    # "hf:NAME" (Hugging Face datasets) or a local path; empty: the kind's default
     split: str = "train"                # data set split to train on
     random_flip: bool = False           # random horizontal flip (the official CIFAR10 run flips)
-    crop: Literal["auto", "adm_center", "celeba", "center_lanczos", "none"] = "auto"  # preprocessing crop; auto: the official one for the data set
+    crop: Crop = "auto"                 # preprocessing crop; auto: the official one for the data set
     latents: str = ""                   # directory written by `uvit encode-latents` (name: latents)
     vae: str = ""                       # VAE hub id or local path that decodes latents (latent models only)
-    scale_factor: float = 0.18215       # latent scale: 0.18215 ImageNet (sd-vae-ft-ema), 0.23010 MS-COCO (SD v1 VAE)
-    text_encoder: str = ""              # CLIP text encoder id for prompts (text models): "ViT-L-14/openai"
+    scale_factor: float = VAES["imagenet"][1]  # latent scale: 0.18215 ImageNet (sd-vae-ft-ema), 0.23010 MS-COCO (SD v1)
+    text_encoder: str = ""              # CLIP text encoder for prompts (text models), e.g. "ViT-L-14/openai"
     num_workers: int = 2                # data-loading worker processes per rank
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    formulation: Literal["vp", "discrete"] = "vp"  # continuous VP-SDE (net sees 999 t) or discrete SD schedule (net sees n)
+    formulation: Formulation = "vp"     # continuous VP-SDE (net sees 999 t) or discrete SD schedule (net sees n)
     beta_min: float = 0.1               # VP-SDE beta(0)
     beta_max: float = 20.0              # VP-SDE beta(1)
     beta_start: float = 0.00085         # discrete: first beta (betas = linspace(sqrt(start), sqrt(end))^2)
@@ -90,7 +113,7 @@ class TrainConfig:
     p_uncond: float = 0.0               # probability of replacing the condition by the null one (guidance training)
     grad_accum: int = 1                 # micro-batches per optimizer step
     grad_clip: float = 0.0              # clip the gradient norm to this value (0: off)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast precision (fp16 uses a loss scaler)
+    precision: Precision = "fp32"       # autocast precision (fp16 uses a loss scaler)
     compile: bool = False               # torch.compile the model
     seed: int = 1234                    # global seed (official: 1234); rank r uses seed * world + r
     log_every: int = 10                 # steps between metrics.jsonl lines
@@ -102,11 +125,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    sampler: Literal["dpm_solver", "dpm_solver_pp", "dpm_solver_pp_2m", "euler_maruyama", "pf_ode_euler", "ddim"] = "dpm_solver"  # sampling algorithm
+    sampler: Sampler = "dpm_solver"     # sampling algorithm
     steps: int = 50                     # sampler steps (NFE is reported separately)
     order: int = 3                      # DPM-Solver order; with "fast" the official runs use 3
     fast: bool = True                   # DPM-Solver "fast" step schedule (the official runs)
-    spacing: Literal["auto", "logSNR", "time_uniform", "time_quadratic"] = "auto"  # step spacing; auto: the official one per formulation
+    spacing: Spacing = "auto"           # step spacing; auto: the official one per formulation
     cfg_scale: float = 1.0              # guidance w, standard convention (1 = off); official scale s is w = 1 + s
     batch_size: int = 64                # samples per forward batch
 
@@ -115,8 +138,8 @@ class SampleConfig:
 class EvalConfig:
     num_samples: int = 50_000           # samples for FID (paper: 50K; MS-COCO 30K)
     ref: str = ""                       # reference statistics / images for FID
-    metrics: tuple[str, ...] = ("fid",)  # metrics to compute
-    mode: str = "pytorch_fid"           # feature pipeline: pytorch_fid (U-ViT's published numbers) or an alternative
+    metrics: tuple[str, ...] = ("fid",)  # metrics to compute (names of Metric, or "all")
+    mode: EvalMode = "pytorch_fid"      # feature pipeline: pytorch_fid (U-ViT's published numbers) or an alternative
     class_sampling: Literal["balanced", "random"] = "balanced"  # class labels for conditional samples
     batch_size: int = 50                # images per Inception batch
     monitor_samples: int = 1000         # samples for the in-training monitor FID (labelled as a monitor)
@@ -403,7 +426,8 @@ def validate(r: Recipe, source: str | None = None) -> None:
         err("sample.cfg_scale", f"must be >= 0 (1 = no guidance), got {s.cfg_scale}")
     if s.cfg_scale != 1.0 and not r.has_null_condition:
         err("sample.cfg_scale", f"guidance w={s.cfg_scale} needs a model trained with a null condition; "
-                                "set sample.cfg_scale: 1.0, or train with model.null_class: true and train.p_uncond > 0")
+                                "sample with --cfg-scale 1 (sample.cfg_scale: 1.0), or train with model.null_class: true "
+                                "and train.p_uncond > 0")
     if r.data.name == "latents" and m.in_chans != 4:
         err("model.in_chans", f"Stable Diffusion latents have 4 channels, got {m.in_chans}")
     if r.data.name == "digits":
@@ -414,6 +438,10 @@ def validate(r: Recipe, source: str | None = None) -> None:
             err("model.num_classes", "the digits have 10 classes: set model.num_classes to 10 or 0")
     if r.eval.num_samples <= 0:
         err("eval.num_samples", f"must be positive, got {r.eval.num_samples}")
+    bad = [x for x in r.eval.metrics if x != "all" and x not in choices(Metric)]
+    if bad:
+        err("eval.metrics", f"unknown metric {', '.join(map(repr, bad))}; choose from {', '.join(choices(Metric))} "
+                            "or all")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

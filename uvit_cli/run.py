@@ -6,11 +6,16 @@ import json
 import re
 from pathlib import Path
 
-from .checkpoint import RUN_RECIPE, atomic_path
 from .errors import UvitError
+from .files import write_text
 from .recipe import Recipe, dump_recipe, load_recipe, recipe_to_dict
 
-METRICS = "metrics.jsonl"
+# Run-directory layout shared by train (the writer) and sample / fid / ablate (the readers).
+RUN_RECIPE = "recipe.yaml"           # the resolved recipe, written before step 0
+RUN_EMA = "ema.safetensors"          # the latest EMA weights (refreshed at every checkpoint and at the end)
+RUN_RAW = "model.safetensors"        # the latest raw (non-EMA) weights
+METRICS = "metrics.jsonl"            # one JSON record per logged step
+SAMPLES = "samples"                  # EMA sample grids, samples/step-00001000.png
 
 # Fields a resumed run may change: how long it runs, how often it logs, samples, saves and evaluates.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.sample_every", "train.save_every", "train.keep_last",
@@ -59,9 +64,12 @@ def check_resume_compatible(saved: Recipe, new: Recipe, run_dir: Path) -> None:
                         "the run's own recipe (uvit train RUN_DIR/recipe.yaml --run-dir RUN_DIR) or start a new run")
 
 
+def is_run_dir(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / RUN_RECIPE).is_file()
+
+
 def write_recipe(run_dir: Path, recipe: Recipe) -> None:
-    with atomic_path(run_dir / RUN_RECIPE) as tmp:
-        tmp.write_text(dump_recipe(recipe))
+    write_text(run_dir / RUN_RECIPE, dump_recipe(recipe))
 
 
 class MetricsLog:
@@ -72,8 +80,7 @@ class MetricsLog:
         if resume_step is not None and self.path.exists():
             keep = [ln for ln in self.path.read_text().splitlines()
                     if ln.strip() and _step_of(ln) is not None and _step_of(ln) <= resume_step]
-            with atomic_path(self.path) as tmp:
-                tmp.write_text("".join(ln + "\n" for ln in keep))
+            write_text(self.path, "".join(ln + "\n" for ln in keep))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:

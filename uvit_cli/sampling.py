@@ -19,8 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 NoiseFn = Callable[[torch.Tensor, float], torch.Tensor]
-SAMPLER_NAMES = ("dpm_solver", "dpm_solver_pp", "dpm_solver_pp_2m", "euler_maruyama", "pf_ode_euler", "ddim")
-SPACINGS = ("logSNR", "time_uniform", "time_quadratic")
+SPACINGS = ("logSNR", "time_uniform", "time_quadratic")  # recipe.Spacing without "auto"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -106,9 +105,9 @@ def planned_nfe(sampler: str, steps: int, order: int = 3, fast: bool = True) -> 
     """Noise-predictor evaluations one call makes (a guided evaluation counts once: cond and uncond are batched)."""
     if sampler in ("dpm_solver", "dpm_solver_pp"):
         return steps if fast else (steps // order) * order
-    if sampler in SAMPLER_NAMES:
+    if sampler in SAMPLERS:
         return steps
-    raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+    raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -314,6 +313,7 @@ def pf_ode_euler(noise_fn: NoiseFn, x: torch.Tensor, schedule, *, steps: int, or
     return x
 
 
+# name (recipe.Sampler) -> sampler function
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "dpm_solver": dpm_solver,
     "dpm_solver_pp": dpm_solver_pp,
@@ -329,4 +329,4 @@ def get_sampler(name: str):
     try:
         return SAMPLERS[name]
     except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}") from None
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None

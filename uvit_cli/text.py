@@ -4,6 +4,9 @@ The output is the last hidden state after the final LayerNorm for the 77 token p
 ``CLIPTextModel`` gives it to Stable Diffusion (and U-ViT's MS-COCO cache). SD's tokenizer pads with the end-of-text
 token while open_clip pads with 0; under the causal mask the features at padded positions depend on that id, so we
 pad with end-of-text. Prompts longer than 77 tokens are truncated (start + 75 tokens + end), with a warning.
+
+open_clip is imported inside the functions that build a tower: it costs about 2.5 s to import, and only text
+models need it.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ from pathlib import Path
 import torch
 
 from .errors import UvitError
-from .hub import downloads_allowed, hub_file, missing_message, sha256_file
+from .files import read_state_dict, sha256_file
+from .hub import downloads_allowed, hub_file, missing_message
+from .registry import DEFAULT_TEXT_ENCODER
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TEXT_ENCODER = "ViT-L-14/openai"
 CONFIG_NAME = "open_clip_config.json"
 WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 LOCAL_HINT = ("pass a local path with --text-encoder: an open_clip folder (open_clip_config.json + "
@@ -93,18 +97,9 @@ def build_text_tower(model_cfg: dict):
 
 
 def _read_weights(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path))
-    else:
-        try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - e.g. OpenAI's TorchScript ViT-L-14.pt
-            raise UvitError(f"{path} could not be read as a plain state dict ({type(e).__name__}); use the "
-                            "open_clip_model.safetensors of timm/vit_large_patch14_clip_224.openai") from None
-        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-            sd = sd["state_dict"]
+    """The text-tower tensors of an open_clip / OpenAI CLIP state dict (the image tower is dropped)."""
+    sd = read_state_dict(path, hint="use the open_clip_model.safetensors of timm/vit_large_patch14_clip_224.openai "
+                                    "(OpenAI's TorchScript ViT-L-14.pt is not a state dict)")
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
     return {k: v for k, v in sd.items() if k.startswith(TEXT_KEYS)}
 

@@ -11,6 +11,7 @@ import copy
 import logging
 import math
 import random
+import resource
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,21 +21,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from . import distributed as dist
-from .build import build_model, build_schedule, build_source, build_stream
-from .checkpoint import RUN_EMA, RUN_RAW, load_latest_state, save_state, save_weights
+from .build import build_decoder, build_model, build_optimizer, build_schedule, build_source, build_stream
+from .checkpoint import load_latest_state, save_state, save_weights
 from .data.stream import StreamBatches
 from .errors import UvitError
+from .generate import generate
+from .metrics.model_eval import monitor_record
+from .outputs import save_grid
 from .recipe import Recipe, dump_recipe
-from .run import MetricsLog, write_recipe
+from .run import RUN_EMA, RUN_RAW, SAMPLES, MetricsLog, write_recipe
+from .runtime import autocast
 
 log = logging.getLogger(__name__)
-
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def warmup_lambda(warmup_steps: int):
-    """Official 'customized' schedule: lr factor min(step / warmup, 1); constant after the warm-up."""
-    return lambda step: min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
 
 
 def ema_rate(rate: float, step: int, warmup: bool) -> float:
@@ -52,11 +50,17 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, rate: float) -> Non
         be.copy_(bm)
 
 
-def training_loss(schedule, net, x0, y, u, noise) -> torch.Tensor:
-    """Per-sample noise-prediction MSE at the stream's time draw u and noise (mean over C, H, W)."""
-    x_t, net_t = schedule.training_inputs(x0, u, noise)
-    eps = net(x_t, net_t, y)
-    return (eps.float() - noise.float()).square().flatten(1).mean(1)
+def optimizer_step(model: torch.nn.Module, opt, lr_schedule, scaler, grad_clip: float) -> tuple[torch.Tensor, float]:
+    """One update from the accumulated gradients: unscale (fp16), clip, AdamW, LR schedule; returns (grad norm,
+    the lr this step used). ``train()`` and ``uvit bench`` both run it."""
+    scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    lr = lr_schedule.get_last_lr()[0]
+    lr_schedule.step()
+    return grad_norm, lr
 
 
 def null_condition(model, source, device):
@@ -115,8 +119,6 @@ def _set_rng_state(state: dict) -> None:
 def _peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 
@@ -142,24 +144,20 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
     torch.manual_seed(t.seed * world + rank)  # per-rank seeds (DiT convention); the data stream is seeded apart
     random.seed(t.seed * world + rank)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    fused = dev.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
-                            eps=t.adam_eps, fused=fused)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(t.warmup_steps))
-    scaler = torch.amp.GradScaler(dev.type, enabled=t.precision == "fp16")
-    schedule = build_schedule(recipe)
+    opt, lr_schedule, scaler = build_optimizer(recipe, model, dev)
+    diffusion = build_schedule(recipe)
     null = null_condition(model, source, dev)
 
     # Resume from the newest good checkpoint.
-    start, resumed = 0, None
+    start = 0
     if resume and (found := load_latest_state(run_dir)) is not None:
         state, path = found
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        lr_schedule.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        start, resumed = int(state["step"]), path
+        start = int(state["step"])
         rngs = state.get("rng", [])
         if len(rngs) == world:
             _set_rng_state(rngs[rank])
@@ -180,8 +178,6 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
     net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None) if world > 1 else model
     if t.compile:
         net = torch.compile(net)
-    amp = AUTOCAST[t.precision]
-    autocast = (lambda: torch.autocast(dev.type, dtype=amp)) if amp is not None else nullcontext
     log.info("training %s for %d steps from step %d: global batch %d = %d ranks x %d accum x %d", recipe.name,
              t.steps, start, t.batch_size, world, t.grad_accum, micro)
 
@@ -192,7 +188,7 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
             torch.distributed.all_gather_object(rngs, _rng_state())
         if main:
             save_state(run_dir, step, {"step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                                       "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                       "optimizer": opt.state_dict(), "scheduler": lr_schedule.state_dict(),
                                        "scaler": scaler.state_dict(), "rng": rngs, "world_size": world,
                                        "recipe": dump_recipe(recipe)}, t.keep_last)
             yaml = dump_recipe(recipe)
@@ -213,20 +209,14 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
             y = batch["y"].to(dev, non_blocking=True) if model.num_classes or model.text_dim else None
             y = apply_drop(y, batch["drop"].to(dev), null)
             sync = a == t.grad_accum - 1 or world == 1
-            with (nullcontext() if sync else net.no_sync()), autocast():
-                loss = training_loss(schedule, net, x0, y, u, noise).mean()
+            with (nullcontext() if sync else net.no_sync()), autocast(dev, t.precision):
+                loss = diffusion.loss(net, x0, y, u, noise).mean()
             scaler.scale(loss / t.grad_accum).backward()
             window_loss += loss.detach() / t.grad_accum
             nonfinite |= ~torch.isfinite(loss.detach())
 
         # Update weights.
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        lr = sched.get_last_lr()[0]
-        sched.step()
+        grad_norm, lr = optimizer_step(model, opt, lr_schedule, scaler, t.grad_clip)
 
         # Update EMA.
         update_ema(ema, model, ema_rate(t.ema_rate, step, t.ema_warmup))
@@ -256,7 +246,7 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
         if main and t.sample_every and (done % t.sample_every == 0 or done == t.steps):
             _sample_grid(ema, recipe, run_dir, done, dev, source, grid_cache)
         if main and t.eval_every and done % t.eval_every == 0 and monitor_ok:
-            record = _monitor(ema, recipe, dev)
+            record = monitor_record(ema, recipe, dev)
             monitor_ok = record is not None
             if record:
                 metrics.write({"step": done, **record})
@@ -273,9 +263,6 @@ GRID_IMAGENET_CLASSES = (88, 207, 279, 360, 387, 417, 812, 980, 33, 130, 292, 92
 
 def training_grid(ema, recipe: Recipe, path: Path, device, source, cache: dict) -> Path:
     """A guided sample grid of the EMA model with fixed seeds and conditions, so grids compare across steps."""
-    from .generate import generate
-    from .images import save_grid
-
     m, cond, labels = recipe.model, None, None
     if m.num_classes > 0:
         classes = list(range(m.num_classes)) if m.num_classes <= 10 else list(GRID_IMAGENET_CLASSES)
@@ -286,19 +273,14 @@ def training_grid(ema, recipe: Recipe, path: Path, device, source, cache: dict) 
     elif m.text_dim > 0:
         cond = torch.stack([source.get(i, caption=0)[1] for i in range(min(8, len(source)))])
     n = len(cond) if cond is not None else 16
-    decoder = None
-    if recipe.data.name == "latents":
-        if "decoder" not in cache:
-            from .autoencoder import load_autoencoder
-
-            try:
-                cache["decoder"] = load_autoencoder(recipe.data.vae, recipe.data.scale_factor, device)
-            except UvitError as e:
-                cache["decoder"] = e
-        if isinstance(cache["decoder"], UvitError):
-            raise cache["decoder"]
-        decoder = cache["decoder"]
-    images = generate(ema, recipe, list(range(n)), cond, device=device, decoder=decoder,
+    if "decoder" not in cache:  # loaded once per run; a missing VAE is remembered, so it warns once per grid
+        try:
+            cache["decoder"] = build_decoder(recipe, device)
+        except UvitError as e:
+            cache["decoder"] = e
+    if isinstance(cache["decoder"], UvitError):
+        raise cache["decoder"]
+    images = generate(ema, recipe, list(range(n)), cond, device=device, decoder=cache["decoder"],
                       null_context=getattr(source, "null_context", None))
     return save_grid(images, path, labels=labels, ncols=min(n, 10 if m.num_classes <= 10 else 8))
 
@@ -306,24 +288,7 @@ def training_grid(ema, recipe: Recipe, path: Path, device, source, cache: dict) 
 def _sample_grid(ema, recipe: Recipe, run_dir: Path, step: int, device, source, cache: dict) -> None:
     """Draw the training grid; never fatal (a missing VAE only skips it, with a warning)."""
     try:
-        path = training_grid(ema, recipe, run_dir / "samples" / f"step-{step:08d}.png", device, source, cache)
+        path = training_grid(ema, recipe, run_dir / SAMPLES / f"step-{step:08d}.png", device, source, cache)
         log.info("sample grid: %s", path)
     except UvitError as e:
         log.warning("no sample grid at step %d: %s", step, e)
-
-
-def _monitor(ema, recipe: Recipe, device) -> dict | None:
-    """The periodic monitor metric under ``monitor/`` keys, with its protocol card beside it so nobody mistakes it
-    for the paper's FID. None (and a warning) when it cannot run, e.g. without Inception weights or a reference."""
-    from .metrics import evaluate_model
-
-    try:
-        result = evaluate_model(ema, recipe, num_samples=recipe.eval.monitor_samples, device=device)
-    except UvitError as e:
-        log.warning("monitor evaluation disabled for this run: %s", e)
-        return None
-    protocol = result.pop("protocol", None)
-    out = {f"monitor/{k}": v for k, v in result.items()}
-    if protocol is not None:
-        out["monitor_protocol"] = protocol
-    return out

@@ -9,10 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoint import atomic_path
-from ..errors import UvitError
-from .runner import read_wall, run_dir_of
-from .suite import Claim, Factor, Suite
+import matplotlib
+
+from ..build import parameter_count
+from ..files import atomic_path
+from ..recipe import load_recipe
+from ..run import RUN_RECIPE, read_metrics
+from .suite import Claim, Factor, Suite, read_wall, run_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +32,6 @@ def collect_results(suite: Suite, out_dir: str | Path) -> list[dict]:
     """One row per (factor, variant, evaluation step up to ``suite.steps``) from the runs under OUT/runs.
 
     A variant shared by several factors (the paper's default design) appears once per factor, with equal values."""
-    from ..run import read_metrics
-
     rows = []
     for fname, factor in suite.factors.items():
         for variant, label in factor.labels.items():
@@ -111,14 +112,9 @@ def ranking(suite: Suite, factor: Factor, values: dict) -> list[str]:
 
 def plot_factor(suite: Suite, factor: Factor, rows: list[dict], path: Path) -> Path:
     """Metric against training iterations, one line per variant (the paper's Figure 2 layout)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        raise UvitError("the ablation figures need matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")  # files only, never a window; set here, not at import, so importing has no side effects
+    from matplotlib import pyplot as plt  # after the backend choice, as matplotlib asks
+    from matplotlib import ticker
 
     fig, ax = plt.subplots(figsize=(5.6, 3.8), dpi=120)
     ys = []
@@ -132,11 +128,11 @@ def plot_factor(suite: Suite, factor: Factor, rows: list[dict], path: Path) -> P
     positive = ys and min(ys) > 0
     if positive and max(ys) / min(ys) > 4:  # early evaluations dwarf the final gaps on a linear axis
         ax.set_yscale("log")
-        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)
         ax.tick_params(axis="y", which="minor", labelsize=7)
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_xlabel("training iterations")
     ax.set_ylabel(f"{suite.metric_label} ({'lower' if suite.lower_is_better else 'higher'} is better)", fontsize=8)
     ax.set_title(factor.title, fontsize=10)
@@ -171,18 +167,8 @@ def _minutes(s: Optional[float]) -> str:
 
 
 def _params(out_dir: Path, variant: str) -> Optional[int]:
-    from ..checkpoint import RUN_RECIPE
-
     p = run_dir_of(out_dir, variant) / RUN_RECIPE
-    if not p.exists():
-        return None
-    import torch
-
-    from ..build import build_model
-    from ..recipe import load_recipe
-
-    with torch.device("meta"):
-        return sum(t.numel() for t in build_model(load_recipe(p)).parameters())
+    return parameter_count(load_recipe(p)) if p.exists() else None
 
 
 def factor_section(suite: Suite, factor: Factor, rows: list[dict], out_dir: Path) -> tuple[list[str], str]:

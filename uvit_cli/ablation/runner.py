@@ -11,21 +11,23 @@ from typing import Callable, Optional
 
 import yaml
 
+from .. import distributed as dist
+from ..build import build_model
+from ..checkpoint import list_states, load_into, load_weights
 from ..errors import UvitError
-from ..recipe import Recipe
-from .suite import SUITE_COPY, WALL_FILE, Suite, select_variants, variant_recipe
+from ..files import write_text
+from ..metrics.model_eval import evaluate_model, monitor_record
+from ..recipe import Recipe, load_recipe, replace
+from ..run import RUN_EMA, RUN_RECIPE, MetricsLog, check_resume_compatible, read_metrics
+from ..train import train
+from .report import write_report
+from .suite import SUITE_COPY, Suite, read_wall, run_dir_of, select_variants, variant_recipe, write_wall
 
 log = logging.getLogger(__name__)
-
-def run_dir_of(out_dir: Path, variant: str) -> Path:
-    return Path(out_dir) / "runs" / variant
 
 
 def variant_status(suite: Suite, out_dir: Path, variant: str) -> tuple[str, int]:
     """("new" | "partial" | "done", last checkpointed step). Done: trained to ``steps`` and evaluated there."""
-    from ..checkpoint import list_states
-    from ..run import read_metrics
-
     run_dir = run_dir_of(out_dir, variant)
     states = list_states(run_dir)
     step = states[-1][0] if states else 0
@@ -35,28 +37,8 @@ def variant_status(suite: Suite, out_dir: Path, variant: str) -> tuple[str, int]
     return ("done" if step >= suite.steps and evaluated else "partial"), step
 
 
-def read_wall(run_dir: Path) -> dict[int, float]:
-    p = run_dir / WALL_FILE
-    try:
-        return {int(k): float(v) for k, v in json.loads(p.read_text()).items()} if p.exists() else {}
-    except (ValueError, AttributeError):
-        return {}
-
-
-def _write_wall(run_dir: Path, wall: dict[int, float]) -> None:
-    from ..checkpoint import atomic_path
-
-    with atomic_path(run_dir / WALL_FILE) as tmp:
-        tmp.write_text(json.dumps({str(k): round(v, 3) for k, v in sorted(wall.items())}))
-
-
 def _final_eval(recipe: Recipe, run_dir: Path, suite: Suite, device) -> None:
     """Evaluate the final EMA when the last step was not an evaluation step (or an interruption skipped it)."""
-    from ..build import build_model
-    from ..checkpoint import RUN_EMA, load_into, load_weights
-    from ..run import MetricsLog, read_metrics
-    from ..train import _monitor
-
     if any(m.get("step") == suite.steps and f"monitor/{suite.metric}" in m for m in read_metrics(run_dir)):
         return
     sd, meta = load_weights(run_dir / RUN_EMA)
@@ -65,7 +47,7 @@ def _final_eval(recipe: Recipe, run_dir: Path, suite: Suite, device) -> None:
         return
     model = build_model(recipe).to(device)
     load_into(model, sd, str(run_dir / RUN_EMA))
-    result = _monitor(model.eval(), recipe, device)
+    result = monitor_record(model.eval(), recipe, device)
     if result is not None:
         MetricsLog(run_dir).write({"step": suite.steps, **result})
 
@@ -73,10 +55,6 @@ def _final_eval(recipe: Recipe, run_dir: Path, suite: Suite, device) -> None:
 def check_monitor(recipe: Recipe, variant: str, device) -> None:
     """Score a few samples of an untrained model with the suite's protocol, so a missing reference or Inception
     weights fail before hours of training rather than leaving the suite without a metric."""
-    from ..build import build_model
-    from ..metrics import evaluate_model
-    from ..recipe import replace
-
     quick = replace(recipe, sample={"steps": min(recipe.sample.steps, 2)})
     try:
         evaluate_model(build_model(quick).to(device).eval(), quick, num_samples=4, device=device)
@@ -95,10 +73,6 @@ def run_suite(suite: Suite, out_dir: str | Path, *, only: Optional[list[str]] = 
     exact resume). ``progress(variant, index, count, step, total, info)`` is called after every step (info holds the
     last logged metrics, or {"skipped": True}). Under torchrun every rank calls this; rank 0 writes the report.
     """
-    from .. import distributed as dist
-    from .report import write_report
-    from ..run import check_resume_compatible
-
     out_dir = Path(out_dir)
     names = select_variants(suite, only)
     recipes = {n: variant_recipe(suite, n, extra) for n in names}  # every overlay is checked before any training
@@ -109,9 +83,7 @@ def run_suite(suite: Suite, out_dir: str | Path, *, only: Optional[list[str]] = 
         raise UvitError(f"{out_dir} already holds runs of {', '.join(started)}; pass --resume to continue them "
                         "(finished variants are skipped) or pick a new --out")
     for n in started:
-        from ..recipe import load_recipe
-
-        check_resume_compatible(load_recipe(run_dir_of(out_dir, n) / "recipe.yaml"), recipes[n], run_dir_of(out_dir, n))
+        check_resume_compatible(load_recipe(run_dir_of(out_dir, n) / RUN_RECIPE), recipes[n], run_dir_of(out_dir, n))
     todo = [n for n in names if plan[n][0] != "done"]
     error = None
     if dist.is_main() and todo:
@@ -125,8 +97,6 @@ def run_suite(suite: Suite, out_dir: str | Path, *, only: Optional[list[str]] = 
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         _write_suite_copy(suite, out_dir)
-
-    from ..train import train
 
     for i, name in enumerate(names):
         status, step0 = plan[name]
@@ -144,7 +114,7 @@ def run_suite(suite: Suite, out_dir: str | Path, *, only: Optional[list[str]] = 
                     save_every=save_every):
             if dist.is_main() and (step % suite.eval_every == 0 or step % save_every == 0 or step == total):
                 wall[step] = offset + time.perf_counter() - start
-                _write_wall(run_dir, wall)
+                write_wall(run_dir, wall)
             if progress:
                 progress(name, i, len(names), step, total, info)
 
@@ -153,7 +123,7 @@ def run_suite(suite: Suite, out_dir: str | Path, *, only: Optional[list[str]] = 
         if dist.is_main():
             _final_eval(recipes[name], run_dir, suite, dev)
             wall.setdefault(suite.steps, offset + time.perf_counter() - start)
-            _write_wall(run_dir, wall)
+            write_wall(run_dir, wall)
             write_report(suite, out_dir)
         dist.barrier()
     if dist.is_main():
@@ -164,9 +134,6 @@ def run_suite(suite: Suite, out_dir: str | Path, *, only: Optional[list[str]] = 
 def _write_suite_copy(suite: Suite, out_dir: Path) -> None:
     """The suite as run (its length included, the base as an absolute path), so OUT describes itself and
     ``uvit ablate OUT --report-only`` can redraw the report."""
-    from ..checkpoint import atomic_path
-
     raw = {**suite.raw, "steps": suite.steps, "eval_every": suite.eval_every}
-    with atomic_path(out_dir / SUITE_COPY) as tmp:
-        tmp.write_text(f"# {suite.name} as run by `uvit ablate` (from {suite.source})\n"
-                       + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
+    write_text(out_dir / SUITE_COPY, f"# {suite.name} as run by `uvit ablate` (from {suite.source})\n"
+               + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))

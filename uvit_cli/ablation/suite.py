@@ -19,7 +19,10 @@ from typing import Any, Optional
 import yaml
 
 from ..errors import UvitError
-from ..recipe import SECTIONS, Recipe, RecipeError, read_yaml, recipe_from_dict, resolve_recipe_path
+from ..files import write_json
+from ..metrics.evaluate import DIGITS_METRICS, parse_metrics
+from ..recipe import (SECTIONS, Recipe, RecipeError, apply_overrides, read_yaml, recipe_from_dict, recipes_dir,
+                      resolve_recipe_path)
 
 SUITE_KEYS = ("name", "description", "scale_note", "base", "overrides", "steps", "eval_every", "metric",
               "lower_is_better", "metric_label", "tie_tolerance", "rank_step", "variants", "factors")
@@ -214,8 +217,6 @@ def suite_from_dict(raw: Any, source: str = "suite", base_dir: Path | None = Non
 
 
 def suites_dir() -> Path:
-    from ..recipe import recipes_dir
-
     return recipes_dir() / "ablations"
 
 
@@ -256,8 +257,6 @@ def shipped_suites() -> list[Path]:
 def variant_recipe(suite: Suite, name: str, extra: Optional[list[str]] = None) -> Recipe:
     """The recipe a variant trains: base, then the suite's shared overrides, ``extra`` (--set), the variant's own,
     then the suite's length and evaluation interval. Errors name the variant and the key."""
-    from ..recipe import apply_overrides
-
     raw = read_yaml(suite.base)
     where = f"{suite.source}: variant {name!r}"
     try:
@@ -279,8 +278,6 @@ def variant_recipes(suite: Suite, extra: Optional[list[str]] = None) -> dict[str
 
 
 def _check_metric(suite: Suite, recipe: Recipe, where: str) -> None:
-    from ..metrics.evaluate import DIGITS_METRICS, parse_metrics
-
     mode = recipe.eval.mode
     try:
         names = parse_metrics(recipe.eval.metrics, "digits" if mode == "digits" else mode)
@@ -314,3 +311,25 @@ def select_variants(suite: Suite, only: Optional[list[str]] = None) -> list[str]
                 raise SuiteError(f"--only {name!r}: no such variant or factor in {suite.source}"
                                  f"{_close(name, list(suite.variants) + list(suite.factors))}")
     return list(dict.fromkeys(picked))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A suite's output directory
+# ---------------------------------------------------------------------------------------------------------------------
+
+def run_dir_of(out_dir: Path, variant: str) -> Path:
+    """Where a variant trains: OUT/runs/<variant>."""
+    return Path(out_dir) / "runs" / variant
+
+
+def read_wall(run_dir: Path) -> dict[int, float]:
+    """Cumulative wall seconds of a variant at each recorded step ({} when none)."""
+    p = run_dir / WALL_FILE
+    try:
+        return {int(k): float(v) for k, v in json.loads(p.read_text()).items()} if p.exists() else {}
+    except (ValueError, AttributeError):
+        return {}
+
+
+def write_wall(run_dir: Path, wall: dict[int, float]) -> None:
+    write_json(run_dir / WALL_FILE, {str(k): round(v, 3) for k, v in sorted(wall.items())}, indent=None)

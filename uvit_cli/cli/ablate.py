@@ -9,8 +9,11 @@ from typing import List, Optional
 
 import typer
 
-from . import app
-from .common import SetOption, console, err_console, setup_logging
+from rich.table import Table
+
+from .app import app, console, setup_logging
+from .options import DeviceOption, NprocOption, SetOption, VerboseOption, strip_option
+from .progress import progress_bar
 
 
 @app.command("ablate")
@@ -33,11 +36,9 @@ def ablate_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="suite output directory (default: ablations/<suite "
                                        "name>, or SUITE itself when it is an output directory)",
                                        rich_help_panel="I/O"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (torchrun: from LOCAL_RANK)",
-                               rich_help_panel="Performance"),
-    nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="train each variant with this many "
-                                       "processes (torchrun; DDP)", rich_help_panel="Performance"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+    device: str = DeviceOption,
+    nproc_per_node: int = NprocOption,
+    verbose: bool = VerboseOption,
 ) -> None:
     """Train the variants of an ablation suite with one seed and data order, then plot and rank them.
 
@@ -46,43 +47,32 @@ def ablate_cmd(
       uvit ablate recipes/ablations/digits_scaling.yaml --only depth --steps 200 --eval-every 50
       uvit ablate cifar10_fig2 --nproc-per-node 8 --set data.source=/data/cifar10 --resume
     """
-    from ..ablation import load_suite, run_suite, select_variants, variant_recipe, write_report
-    from ..ablation.suite import SUITE_COPY
+    from .. import ablation, distributed  # deferred: loads torch (cli/app.py)
 
     setup_logging(verbose)
-    suite = load_suite(suite_path, steps=steps, eval_every=eval_every)
+    suite = ablation.load_suite(suite_path, steps=steps, eval_every=eval_every)
     if out is None:
         given = Path(suite_path)
-        out = given if (given / SUITE_COPY).is_file() else Path("ablations") / suite.name
-    names = select_variants(suite, only)
+        out = given if (given / ablation.suite.SUITE_COPY).is_file() else Path("ablations") / suite.name
+    names = ablation.select_variants(suite, only)
 
     if dry_run:
         _dry_run(suite, names, out, overrides)
         return
     if report_only:
-        paths = write_report(suite, out)
+        paths = ablation.write_report(suite, out)
         console.print(f"report: [bold]{paths['table']}[/] ({len(paths['figures'])} figures, {paths['results']})")
         return
     for name in names:  # a bad overlay fails here, before any progress display or training
-        variant_recipe(suite, name, overrides)
+        ablation.variant_recipe(suite, name, overrides)
     if nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
-        from ..distributed import launch_torchrun
-
-        args = list(sys.argv[1:])
-        i = args.index("--nproc-per-node")
-        del args[i:i + 2]
+        args = strip_option(sys.argv[1:], "--nproc-per-node")
         if "--out" not in args:  # every rank must agree on one directory
             args += ["--out", str(out)]
-        raise typer.Exit(launch_torchrun(nproc_per_node, args))
-
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from .. import distributed
+        raise typer.Exit(distributed.launch_torchrun(nproc_per_node, args))
 
     main = int(os.environ.get("RANK", "0")) == 0
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                  console=err_console, disable=not main, transient=False) as bar:
+    with progress_bar("step", stats=True, disable=not main) as bar:
         total = bar.add_task("suite", total=len(names) * suite.steps, stats="")
         current = bar.add_task("variant", total=suite.steps, stats="")
         state = {"index": -1}
@@ -98,7 +88,7 @@ def ablate_cmd(
             bar.update(total, completed=index * suite.steps + step, stats=f"variant {index + 1}/{count}")
 
         try:
-            run_suite(suite, out, only=only, resume=resume, device=device, extra=overrides, progress=progress)
+            ablation.run_suite(suite, out, only=only, resume=resume, device=device, extra=overrides, progress=progress)
         finally:
             distributed.cleanup()
     if main:
@@ -106,21 +96,16 @@ def ablate_cmd(
 
 
 def _dry_run(suite, names: list[str], out: Path, overrides) -> None:
-    import torch
-    from rich.table import Table
-
-    from ..ablation import variant_recipe, variant_status
-    from ..build import build_model
+    from .. import ablation, build  # deferred: loads torch (cli/app.py)
 
     table = Table(title=f"{suite.name}: {len(names)} variants, {suite.steps:,} steps, {suite.metric} every "
                   f"{suite.eval_every:,}; output {out}")
     for col in ("variant", "factors", "overrides", "params", "status"):
         table.add_column(col)
     for name in names:
-        recipe = variant_recipe(suite, name, overrides)
-        with torch.device("meta"):
-            n = sum(p.numel() for p in build_model(recipe).parameters())
-        status, step = variant_status(suite, out, name)
+        recipe = ablation.variant_recipe(suite, name, overrides)
+        n = build.parameter_count(recipe)
+        status, step = ablation.variant_status(suite, out, name)
         over = ", ".join(f"{k}={v}" for k, v in suite.variants[name].items()) or "(base)"
         table.add_row(name, ", ".join(suite.factors_of(name)), over, f"{n / 1e6:.2f}M",
                       status if status != "partial" else f"partial (step {step:,})")

@@ -10,10 +10,12 @@ import typer
 from rich.table import Table
 
 from ..errors import UvitError
-from . import app
-from .common import SetOption, console, setup_logging
+from ..files import write_json
+from ..recipe import Precision, choices, load_recipe
+from .app import app, console, setup_logging
+from .options import DeviceOption, SetOption, parse_list
 
-SUITES = ("peak", "train", "scaling", "sample", "encode", "features")
+SUITES = ("peak", "train", "scaling", "sample", "encode", "features")   # one module each in uvit_cli/bench/
 
 
 def _choices(text: str, allowed: tuple, what: str) -> list[str]:
@@ -33,7 +35,7 @@ def bench_cmd(
     recipe_path: str = typer.Argument("cifar10_uvit_s2", metavar="RECIPE", help="recipe whose model is measured"),
     overrides: Optional[List[str]] = SetOption,
     suite: str = typer.Option("peak,train", "--suite", help=f"comma list of {', '.join(SUITES)}"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda", rich_help_panel="Performance"),
+    device: str = DeviceOption,
     batch: int = typer.Option(0, "--batch", min=0, help="training batch (0: 128 on GPU, 8 on CPU)"),
     precisions: str = typer.Option("fp32,bf16", "--precision", help="comma list of fp32, bf16, fp16"),
     compile_: str = typer.Option("off", "--compile", help="torch.compile: off, on or both"),
@@ -58,28 +60,27 @@ def bench_cmd(
     """
     import torch
 
-    from .. import bench
-    from ..recipe import load_recipe
+    from .. import runtime  # deferred: loads torch (cli/app.py)
+    from ..bench import encode, features, sample, timer, train  # deferred: loads torch (cli/app.py)
 
     setup_logging()
     suites = _choices(suite, SUITES, "--suite")
+    precs = _choices(precisions, choices(Precision), "--precision")
+    bs = parse_list(batches, "--batches")
+    ps = parse_list(patch_sizes, "--patch-sizes")
     recipe = load_recipe(recipe_path, overrides)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = runtime.resolve_device(device)
+    runtime.setup_runtime(dev)
     gpu = dev.type == "cuda"
-    if gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     batch = batch or (128 if gpu else 8)
     iters = iters or (10 if gpu else 3)
-    precs = _choices(precisions, ("fp32", "bf16", "fp16"), "--precision")
-    result = {"recipe": recipe.name, "model": recipe.model.size, "device": str(dev), "machine": bench.machine()}
+    result = {"recipe": recipe.name, "model": recipe.model.size, "device": str(dev), "machine": timer.machine()}
 
     peaks = {}
     if "peak" in suites or "train" in suites:
         for p in sorted({"fp32" if p == "fp32" else "bf16" for p in precs} | {"fp32"}):
             dtype = torch.float32 if p == "fp32" else torch.bfloat16
-            peaks[p] = bench.matmul_peak(dev, dtype, repeats=repeats)
+            peaks[p] = timer.matmul_peak(dev, dtype, repeats=repeats)
         result["matmul_peak_tflops"] = peaks
         table = Table(title=f"matmul peak on {dev} (measured)")
         table.add_column("dtype")
@@ -91,16 +92,14 @@ def bench_cmd(
     if "train" in suites:
         rows = []
         for prec in precs:
+            peak = peaks["fp32" if prec == "fp32" else "bf16"]
             for comp in _flags(compile_, "--compile"):
                 for ck in _flags(grad_ckpt, "--grad-ckpt"):
-                    rows.append(bench.bench_train(recipe, batch=batch, precision=prec, compile=comp,
-                                                  grad_checkpoint=ck, device=str(dev), iters=iters,
-                                                  repeats=repeats))
+                    rows.append(train.bench_train(recipe, batch=batch, precision=prec, compile=comp, grad_checkpoint=ck,
+                                            device=str(dev), iters=iters, repeats=repeats, peak_tflops=peak))
         if naive:
-            rows.append(bench.bench_train(recipe, batch=batch, precision="fp32", naive_attention=True,
-                                          device=str(dev), iters=iters, repeats=repeats))
-        for r in rows:
-            r["mfu"] = r["tflops"] / peaks["fp32" if r["precision"] == "fp32" else "bf16"]
+            rows.append(train.bench_train(recipe, batch=batch, precision="fp32", naive_attention=True, device=str(dev),
+                                    iters=iters, repeats=repeats, peak_tflops=peaks["fp32"]))
         result["train"] = rows
         base = next((r for r in rows if r["precision"] == "fp32" and not r["compile"] and not r["grad_checkpoint"]
                      and not r["naive_attention"]), None)
@@ -118,9 +117,7 @@ def bench_cmd(
         console.print(table)
 
     if "scaling" in suites:
-        bs = [int(b) for b in batches.split(",") if b.strip()] or [1, 4, batch]
-        ps = [int(p) for p in patch_sizes.split(",") if p.strip()]
-        rows = bench.bench_scaling(recipe, batches=bs, patch_sizes=ps, precision=precs[-1], device=str(dev),
+        rows = train.bench_scaling(recipe, batches=bs or [1, 4, batch], patch_sizes=ps, precision=precs[-1], device=str(dev),
                                    iters=iters, repeats=repeats)
         result["scaling"] = rows
         table = Table(title=f"scaling ({precs[-1]}, {dev})")
@@ -133,16 +130,14 @@ def bench_cmd(
         console.print(table)
 
     if "sample" in suites:
-        from ..bench_sampling import bench_guided_sampling, bench_vae_decode
-
-        r = bench_guided_sampling(recipe if recipe.has_null_condition and recipe.model.num_classes else None,
+        r = sample.bench_guided_sampling(recipe if recipe.has_null_condition and recipe.model.num_classes else None,
                                   device=str(dev), repeats=repeats)
         result["sample"] = r
         console.print_json(json.dumps(r, default=str))
         # The VAE decode after sampling: the recipe's latent grid, or 32x32 (256 px) for a pixel-space recipe.
         latent = recipe.model.img_size if recipe.model.in_chans == 4 else 32
         decode_precs = [p for p in precs if p != "fp16" or gpu]
-        rows = bench_vae_decode("sd", latent_size=latent, batch=vae_batch or (8 if gpu else 1),
+        rows = sample.bench_vae_decode("sd", latent_size=latent, batch=vae_batch or (8 if gpu else 1),
                                 precisions=decode_precs, device=str(dev), repeats=repeats)
         result["vae_decode"] = rows
         table = Table(title=f"SD-VAE decode, {latent}x{latent} latents, {dev} (median of {repeats})")
@@ -154,20 +149,15 @@ def bench_cmd(
         console.print(table)
 
     if "encode" in suites:
-        from ..data.encode_benchmark import bench_encode
-
         # The SD VAE at 256 px is slow on a CPU: there a small batch measures the same ratio.
         sd_kw = {} if gpu else {"batch_size": 2, "num_batches": 2}
-        result["encode"] = [bench_encode("tiny", device=str(dev)), bench_encode("sd", device=str(dev), **sd_kw)]
+        result["encode"] = [encode.bench_encode("tiny", device=str(dev)), encode.bench_encode("sd", device=str(dev), **sd_kw)]
         console.print_json(json.dumps(result["encode"], default=str))
 
     if "features" in suites:
-        from ..metrics.benchmark import bench_features
-
-        result["features"] = bench_features(device=str(dev), repeats=repeats)
+        result["features"] = features.bench_features(device=str(dev), repeats=repeats)
         console.print_json(json.dumps(result["features"], default=str))
 
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=1, default=str))
+        write_json(json_out, result)
         console.print(f"wrote {json_out}")

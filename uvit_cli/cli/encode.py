@@ -2,42 +2,30 @@
 
 from __future__ import annotations
 
+import enum
 import os
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from rich.text import Text
 
+from ..data.crops import DEFAULT_CROP
 from ..errors import UvitError
-from . import app
-from .common import console, setup_logging
+from ..recipe import Crop
+from ..registry import DEFAULT_TEXT_ENCODER, VAES
+from .app import app, console, setup_logging
+from .options import PERF, PrecisionChoice, VerboseOption, choice_enum, precision_option, value
+from .progress import progress_bar
 
-
-class Dataset(str, Enum):
-    imagenet = "imagenet"
-    coco = "coco"
-    folder = "folder"
+Dataset = enum.Enum("Dataset", {k: k for k in VAES}, type=str)   # the source kinds: imagenet, coco, folder
+CropChoice = choice_enum("CropChoice", Crop)
 
 
 class Split(str, Enum):
     train = "train"
     val = "val"
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class Crop(str, Enum):
-    auto = "auto"
-    adm_center = "adm_center"
-    center_lanczos = "center_lanczos"
 
 
 class Condition(str, Enum):
@@ -47,20 +35,7 @@ class Condition(str, Enum):
     none = "none"
 
 
-SCALE = {"imagenet": 0.18215, "coco": 0.23010, "folder": 0.18215}
-DATA, ENC, OUT, PERF = "Data", "Encoders", "Output", "Performance"
-
-
-class RateColumn(ProgressColumn):
-    """Images per second."""
-
-    def render(self, task) -> Text:
-        return Text(f"{task.speed:.1f} img/s" if task.speed else "- img/s", style="progress.data.speed")
-
-
-def _dist():
-    """(rank, world size, local rank) from torchrun's environment."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+DATA, ENC, OUT = "Data", "Encoders", "Output"
 
 
 @app.command("encode-latents")
@@ -71,7 +46,7 @@ def encode_cmd(
     source: Optional[str] = typer.Option(None, "--source", help="hf:NAME (Hugging Face datasets) or a local path",
                                          rich_help_panel=DATA),
     split: Split = typer.Option(Split.train, "--split", help="data set split", rich_help_panel=DATA),
-    crop: Crop = typer.Option(Crop.auto, "--crop", help="auto: ADM center crop for imagenet/folder, the official "
+    crop: CropChoice = typer.Option(CropChoice.auto, "--crop", help="auto: ADM center crop for imagenet/folder, the official "
                               "center crop + lanczos for coco", rich_help_panel=DATA),
     flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="also store the horizontal flip "
                                         "(default: on for imagenet, as the official cache)", rich_help_panel=DATA),
@@ -85,7 +60,7 @@ def encode_cmd(
                                       "directory, or the official autoencoder_kl.pth", rich_help_panel=ENC),
     scale_factor: Optional[float] = typer.Option(None, "--scale-factor", min=0.0, help="latent scale "
                                                  "(imagenet 0.18215, coco 0.23010)", rich_help_panel=ENC),
-    text_encoder: str = typer.Option("ViT-L-14/openai", "--text-encoder", help="CLIP text encoder for captions: "
+    text_encoder: str = typer.Option(DEFAULT_TEXT_ENCODER, "--text-encoder", help="CLIP text encoder for captions: "
                                      "open_clip MODEL/TAG, hf-hub:org/repo, or a local folder/file",
                                      rich_help_panel=ENC),
     allow_download: bool = typer.Option(False, "--allow-download", help="let missing hub weights and data sets "
@@ -99,11 +74,10 @@ def encode_cmd(
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="images per encoder batch", rich_help_panel=PERF),
     num_workers: int = typer.Option(min(8, os.cpu_count() or 1), "--num-workers", min=0,
                                     help="image decoding worker processes", rich_help_panel=PERF),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available)",
-                                         rich_help_panel=PERF),
-    precision: Precision = typer.Option(Precision.fp32, "--precision", help="encoder autocast precision "
-                                        "(moments are stored fp16 either way)", rich_help_panel=PERF),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; "
+                               "under torchrun CUDA devices come from LOCAL_RANK", rich_help_panel=PERF),
+    precision: PrecisionChoice = precision_option("encoder autocast precision (moments are stored fp16 either way)"),
+    verbose: bool = VerboseOption,
 ) -> None:
     """Encode images to VAE latents (mean and logvar, fp16) and captions to CLIP features, in resumable shards.
 
@@ -113,15 +87,11 @@ def encode_cmd(
 
     Several GPUs: torchrun --nproc_per_node 8 -m uvit_cli encode-latents coco --source /data/coco --verify
     """
-    import torch
-
-    from ..autoencoder import DEFAULT_VAE, load_autoencoder
-    from ..data.encoding import encode_latents, finalize
-    from ..data.images import DEFAULT_CROP, open_source
-    from ..data.latents import verify_latents
+    from .. import autoencoder, distributed, runtime, text  # deferred: loads torch (cli/app.py)
+    from ..data import encoding, latents, sources  # deferred: loads torch (cli/app.py)
 
     setup_logging(verbose)
-    kind = dataset.value
+    kind = value(dataset)
     if res % 8:
         raise UvitError(f"--res {res} is not a multiple of 8 (the VAE downsamples by 8); use 256 or 512")
     if scale_factor is not None and scale_factor <= 0:
@@ -132,65 +102,47 @@ def encode_cmd(
         raise UvitError(f"--source is required: e.g. --source {example}")
     folder_kw = {"condition": condition.value, "captions": str(captions) if captions else None} \
         if kind == "folder" else {}
-    src = open_source(kind, source, split.value, allow_download, **folder_kw)
-    crop_name = DEFAULT_CROP[kind] if crop is Crop.auto else crop.value
+    src = sources.open_source(kind, source, split.value, allow_download, **folder_kw)
+    crop_name = DEFAULT_CROP[kind] if value(crop) == "auto" else value(crop)
     flips = (kind == "imagenet") if flip is None else flip
     if out is None:
         name = kind if kind != "folder" else (Path(source).name or "folder")
         out = Path("data") / f"{name}{res}_latents{'' if split is Split.train else '_' + split.value}"
-    rank, world, local_rank = _dist()
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and world > 1:
-        device = f"cuda:{local_rank}"
-    if str(device).startswith("cuda"):
-        torch.backends.cudnn.deterministic = True   # same conv algorithms on a rerun: resumed shards match bit for bit
-        torch.backends.cudnn.benchmark = False
-    if world > 1:
-        import datetime
-
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
-    vae_spec = vae or DEFAULT_VAE.get(kind, DEFAULT_VAE["imagenet"])
-    ae = load_autoencoder(vae_spec, scale_factor if scale_factor is not None else SCALE[kind], device,
+    # The process group only synchronises the finish (ranks encode disjoint shards), so its timeout is long.
+    dev = distributed.init(device, timeout_minutes=48 * 60)
+    rank, world = distributed.rank(), distributed.world_size()
+    runtime.setup_runtime(dev, deterministic=True)   # same conv algorithms on a rerun: resumed shards match bit for bit
+    hub_id, default_scale = VAES[kind]
+    vae_spec = vae or hub_id
+    ae = autoencoder.load_autoencoder(vae_spec, scale_factor if scale_factor is not None else default_scale, dev,
                           allow_download=allow_download)
-    te = None
-    if src.conditioning == "text":
-        from ..text import load_text_encoder
-
-        te = load_text_encoder(text_encoder, device, allow_download=allow_download)
+    te = text.load_text_encoder(text_encoder, dev, allow_download=allow_download) if src.conditioning == "text" else None
     if rank == 0:
         console.print(f"[bold]{kind}[/] {src.location}: {len(src):,} images, {src.conditioning} · {crop_name} "
                       f"{res}px{' + flips' if flips else ''} · VAE {vae_spec} · → {out}")
-    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               RateColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=rank != 0, transient=False) as bar:
-        task = bar.add_task("encoding", total=None)
-
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        manifest = encode_latents(src, out, ae, te, resolution=res, crop=crop_name, flips=flips,
-                                  batch_size=batch_size, shard_size=shard_size, num_workers=num_workers,
-                                  precision=precision.value, split=split.value, limit=limit, rank=rank,
-                                  world_size=world, progress=progress)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        if rank == 0:
-            manifest = finalize(out)
-        dist.barrier()
-        dist.destroy_process_group()
+    try:
+        with progress_bar(disable=rank != 0) as bar:
+            task = bar.add_task("encoding", total=None)
+            manifest = encoding.encode_latents(src, out, ae, te, resolution=res, crop=crop_name, flips=flips,
+                                      batch_size=batch_size, shard_size=shard_size, num_workers=num_workers,
+                                      precision=value(precision), split=split.value, limit=limit, rank=rank,
+                                      world_size=world,
+                                      progress=lambda done, total: bar.update(task, completed=done, total=total))
+        if world > 1:
+            distributed.barrier()
+            if rank == 0:
+                manifest = encoding.finalize(out)
+            distributed.barrier()
+    finally:
+        distributed.cleanup()
     if rank != 0:
         return
     if manifest is None:
         raise UvitError(f"{out}: some shards are still missing; rerun the same command to finish them")
     if verify:
-        with Progress(*columns[:3], console=console) as bar:
+        with progress_bar("shard") as bar:
             task = bar.add_task("verifying", total=len(manifest["shards"]))
-            result = verify_latents(out, progress=lambda d, t: bar.update(task, completed=d))
+            result = latents.verify_latents(out, progress=lambda d, t: bar.update(task, completed=d))
         console.print(f"[green]verified[/] {result['shards']} shards, {result['count']:,} images"
                       + (f", {result['captions']:,} captions" if result["captions"] else ""))
     _summary(manifest, out)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -10,60 +9,25 @@ import typer
 from rich.table import Table
 
 from ..errors import UvitError
-from . import app
-from .common import SetOption, console, setup_logging
+from ..files import sha256_file, write_json
+from ..run import latest_run
+from .app import app, console, setup_logging
+from .options import (DeviceOption, PrecisionChoice, SetOption, VerboseOption, WeightsChoice, WeightsOption,
+                      precision_option, value)
+from .progress import Stages, progress_bar
 
 MODE_HELP = ("feature pipeline: pytorch_fid (U-ViT's published numbers), clean (clean-fid), legacy_tensorflow "
              "(ADM / TF1 resize) or digits (built-in 8x8 digits; not comparable to Inception FID); default: the "
              "recipe's eval.mode, digits for 8x8 gray images, else pytorch_fid")
-CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt")
-
-
-def _device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def _progress():
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    class Rate(TextColumn):
-        def render(self, task):
-            speed = task.finished_speed or task.speed
-            return super().render(task) if speed is None else f"{speed:.1f} img/s"
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(""),
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False)
-
-
-class _Stages:
-    """A progress(stage, done, total) callback that opens one rich task per stage."""
-
-    def __init__(self, progress):
-        self.progress, self.tasks = progress, {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(stage, total=total)
-        self.progress.update(self.tasks[stage], completed=done, total=total)
-
-
-def _is_model_target(p: Path) -> bool:
-    from ..checkpoint import RUN_RECIPE
-
-    return (p.is_dir() and (p / RUN_RECIPE).exists()) or p.suffix in CHECKPOINT_SUFFIXES
+SAMPLING = "Sampling (runs and checkpoints)"
 
 
 def _auto_mode(samples: Path) -> str:
     """digits for 8x8 single-channel images, else pytorch_fid."""
-    from ..metrics.sources import open_source
+    from ..metrics import sources  # deferred: loads torch (cli/app.py)
 
     try:
-        src = open_source(samples, channels=1)
+        src = sources.open_source(samples, channels=1)
         if tuple(src.shape[:2]) == (8, 8):
             return "digits"
     except UvitError:
@@ -84,14 +48,6 @@ def _print(result, title: str) -> None:
     console.print(card)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    from ..checkpoint import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    console.print(f"wrote {path}")
-
-
 @app.command("fid")
 def fid_cmd(
     samples: Optional[Path] = typer.Argument(None, help="image folder, ADM-style .npz (uint8 NHWC arr_0), run "
@@ -104,7 +60,7 @@ def fid_cmd(
                                               "(runs: sample N; default eval.num_samples)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="images per Inception batch "
                                              "(default: eval.batch_size, 50)", rich_help_panel="Performance"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N", rich_help_panel="Performance"),
+    device: str = DeviceOption,
     mode: Optional[str] = typer.Option(None, "--mode", help=MODE_HELP),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="pt_inception-2015-12-05-"
                                                      "6726825d.pth (default: $UVIT_INCEPTION_WEIGHTS, torch hub cache)"),
@@ -113,21 +69,17 @@ def fid_cmd(
                                rich_help_panel="Performance"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write metrics + protocol card as JSON"),
     recipe_path: Optional[str] = typer.Option(None, "--recipe", "-r", help="recipe for an official .pth checkpoint",
-                                              rich_help_panel="Sampling (runs and checkpoints)"),
+                                              rich_help_panel=SAMPLING),
     overrides: Optional[List[str]] = SetOption,
-    weights: str = typer.Option("ema", "--weights", help="ema (paper protocol) or raw weights of a run directory",
-                                rich_help_panel="Sampling (runs and checkpoints)"),
-    seed: int = typer.Option(0, "--seed", min=0, help="sample i uses seed + i",
-                             rich_help_panel="Sampling (runs and checkpoints)"),
+    weights: WeightsChoice = WeightsOption,
+    seed: int = typer.Option(0, "--seed", min=0, help="sample i uses seed + i", rich_help_panel=SAMPLING),
     samples_out: Optional[Path] = typer.Option(None, "--samples-out", help="resumable .npz for the samples "
                                                "(default: RUN/eval/samples_<recipe>_<N>_<protocol>.npz)",
-                                               rich_help_panel="Sampling (runs and checkpoints)"),
-    precision: str = typer.Option("fp32", "--precision", help="sampling precision: fp32, bf16 or fp16",
-                                  rich_help_panel="Sampling (runs and checkpoints)"),
+                                               rich_help_panel=SAMPLING),
+    precision: PrecisionChoice = precision_option("sampling precision (autocast)", SAMPLING),
     sample_batch_size: Optional[int] = typer.Option(None, "--sample-batch-size", min=1, help="samples per sampler "
-                                                    "batch (default: sample.batch_size)",
-                                                    rich_help_panel="Sampling (runs and checkpoints)"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+                                                    "batch (default: sample.batch_size)", rich_help_panel=SAMPLING),
+    verbose: bool = VerboseOption,
 ) -> None:
     """Score samples: FID, sFID, IS, precision and recall (or the digits metric), with a protocol card.
 
@@ -139,11 +91,11 @@ def fid_cmd(
       uvit fid samples/ --ref fid_stats_cifar10_train_pytorch.npz --json fid.json
       uvit fid runs/00000-digits-U-ViT-Tiny2 --num-samples 1000
     """
-    from ..metrics.evaluate import evaluate
-    from ..run import latest_run
+    from .. import build, runtime  # deferred: loads torch (cli/app.py)
+    from ..metrics.evaluate import evaluate  # deferred: loads torch (cli/app.py)
 
     setup_logging(verbose)
-    dev = _device(device)
+    dev = runtime.resolve_device(device)
     recipe, card = None, {}
     if samples is None:
         samples = latest_run("runs")
@@ -151,46 +103,44 @@ def fid_cmd(
             raise UvitError("no SAMPLES given and no run in ./runs; pass an image folder, an .npz, a run directory "
                             "or a checkpoint")
         console.print(f"scoring the latest run: {samples}")
-    if _is_model_target(samples):
-        samples, recipe, card = _sample_run(samples, recipe_path, overrides, weights, seed, samples_out, precision,
-                                            sample_batch_size, num_samples, dev)
+    if build.is_model_target(samples):
+        samples, recipe, card = _sample_run(samples, recipe_path, overrides, value(weights), seed, samples_out,
+                                            value(precision), sample_batch_size, num_samples, dev)
     elif not samples.exists():
         raise UvitError(f"{samples} does not exist")
     ev = recipe.eval if recipe is not None else None
     mode = mode or (ev.mode if ev is not None else _auto_mode(samples))
-    with _progress() as progress:
+    with progress_bar() as bar:
         result = evaluate(samples, ref or (ev.ref if ev is not None else None) or None,
                           metrics=metrics or (ev.metrics if ev is not None else None), mode=mode,
                           num_samples=num_samples, batch_size=batch_size or (ev.batch_size if ev else 50),
                           device=dev, inception_weights=inception_weights, exact=exact, protocol=card,
-                          progress=_Stages(progress))
+                          progress=Stages(bar))
     _print(result, f"{samples}")
     if json_out:
-        _write_json(json_out, result.to_dict())
+        write_json(json_out, result.to_dict(), indent=2)
+        console.print(f"wrote {json_out}")
 
 
 def _sample_run(target: Path, recipe_path, overrides, weights, seed, samples_out, precision, batch_size,
                 num_samples, device):
     """Sample a run / checkpoint with the recipe's protocol into a kept, resumable .npz; returns (npz, recipe, card)."""
-    from ..checkpoint import load_model
-    from ..metrics.inception import file_sha256
-    from ..metrics.model_eval import sample_for_eval, samples_path, sampling_card, sampling_identity
+    from .. import build  # deferred: loads torch (cli/app.py)
+    from ..metrics import model_eval  # deferred: loads torch (cli/app.py)
 
-    if weights not in ("ema", "raw"):
-        raise UvitError(f"--weights {weights!r}: use ema or raw")
-    model, recipe, path = load_model(target, recipe_path, overrides, weights=weights)
+    model, recipe, path = build.load_model(target, recipe_path, overrides, weights=weights)
     n = num_samples or recipe.eval.num_samples
-    card = sampling_card(recipe, num_samples=n, seed=seed, weights=weights, checkpoint=str(path),
-                         checkpoint_sha256=file_sha256(path), precision=precision)
-    meta = {**card, "sampling_recipe_sha256": sampling_identity(recipe)}
+    card = model_eval.sampling_card(recipe, num_samples=n, seed=seed, weights=weights, checkpoint=str(path),
+                         checkpoint_sha256=sha256_file(path), precision=precision)
+    meta = {**card, "sampling_recipe_sha256": model_eval.sampling_identity(recipe)}
     meta.pop("checkpoint", None)  # the hash identifies the weights; the path may move
-    out = samples_out or samples_path(target, recipe, n, meta)
+    out = samples_out or model_eval.samples_path(target, recipe, n, meta)
     console.print(f"sampling {n} images into {out} (resumable; kept after scoring)")
-    with _progress() as progress:
-        task = progress.add_task("sampling", total=n)
-        sample_for_eval(model.to(device), recipe, out, n, meta=meta, seed=seed, device=device, precision=precision,
+    with progress_bar() as bar:
+        task = bar.add_task("sampling", total=n)
+        model_eval.sample_for_eval(model.to(device), recipe, out, n, meta=meta, seed=seed, device=device, precision=precision,
                         batch_size=batch_size or recipe.sample.batch_size,
-                        progress=lambda done, total: progress.update(task, completed=done, total=total))
+                        progress=lambda done, total: bar.update(task, completed=done, total=total))
     card["samples_file"] = str(out)
     return out, recipe, card
 
@@ -205,12 +155,12 @@ def fid_stats_cmd(
                                   "(needed for precision/recall against these statistics)"),
     batch_size: int = typer.Option(50, "--batch-size", min=1, help="images per Inception batch",
                                    rich_help_panel="Performance"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N", rich_help_panel="Performance"),
+    device: str = DeviceOption,
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="pt_inception-2015-12-05-"
                                                      "6726825d.pth (default: $UVIT_INCEPTION_WEIGHTS, torch hub cache)"),
     exact: bool = typer.Option(False, "--exact", help="unfused Inception (bit-identical to pytorch-fid)",
                                rich_help_panel="Performance"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+    verbose: bool = VerboseOption,
 ) -> None:
     """Build reference statistics for your own images (FID and sFID; optionally features for precision/recall).
 
@@ -218,7 +168,8 @@ def fid_stats_cmd(
       uvit fid-stats data/celeba64_train/ --out assets/fid_stats/my_celeba64.npz
       uvit fid-stats VIRTUAL_imagenet64_labeled.npz --out in64_pfid.npz --features
     """
-    from ..metrics.evaluate import build_reference_stats
+    from .. import runtime  # deferred: loads torch (cli/app.py)
+    from ..metrics.evaluate import build_reference_stats  # deferred: loads torch (cli/app.py)
 
     setup_logging(verbose)
     if out.suffix != ".npz":
@@ -226,12 +177,12 @@ def fid_stats_cmd(
     if not source.exists():
         raise UvitError(f"{source} does not exist")
     mode = mode or _auto_mode(source)
-    with _progress() as progress:
-        task = progress.add_task("features", total=None)
+    with progress_bar() as bar:
+        task = bar.add_task("features", total=None)
         card = build_reference_stats(source, out, mode=mode, num_samples=num_samples, batch_size=batch_size,
-                                     device=_device(device), inception_weights=inception_weights, exact=exact,
-                                     keep_features=features,
-                                     progress=lambda done, total: progress.update(task, completed=done, total=total))
+                                     device=runtime.resolve_device(device), inception_weights=inception_weights,
+                                     exact=exact, keep_features=features,
+                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
     table = Table(title=f"wrote {out}", show_header=False)
     for k, v in card.items():
         table.add_row(k, str(v))

@@ -9,18 +9,9 @@ import typer
 from rich.table import Table
 
 from ..errors import UvitError
-from . import app
-from .common import SetOption, console, setup_logging
-
-
-def _param_count(recipe) -> int:
-    import torch
-
-    from ..build import build_model
-
-    with torch.device("meta"):
-        model = build_model(recipe)
-    return sum(p.numel() for p in model.parameters())
+from ..recipe import dump_recipe, load_recipe, shipped_recipes
+from .app import app, console, setup_logging
+from .options import SetOption
 
 
 @app.command("recipes")
@@ -29,7 +20,7 @@ def recipes_cmd() -> None:
 
     Example: uvit recipes
     """
-    from ..recipe import load_recipe, shipped_recipes
+    from .. import build  # deferred: loads torch (cli/app.py)
 
     table = Table(title="shipped recipes (recipes/)")
     for col in ("recipe", "model", "data", "condition", "formulation", "params"):
@@ -38,27 +29,8 @@ def recipes_cmd() -> None:
     for path in shipped_recipes():
         r = load_recipe(path)
         table.add_row(path.stem, r.model.size or "custom", r.data.name, r.conditioning, r.diffusion.formulation,
-                      f"{_param_count(r):,}", r.description)
+                      f"{build.parameter_count(r):,}", r.description)
     console.print(table)
-
-
-def load_recipe_or_checkpoint(target: str, overrides: Optional[List[str]] = None):
-    """(recipe, checkpoint path or None) for a recipe YAML, a shipped recipe name, a run dir or a weights file."""
-    from ..checkpoint import read_metadata
-    from ..recipe import apply_overrides, load_recipe, recipe_from_dict
-
-    p = Path(target)
-    if p.is_dir() and (p / "recipe.yaml").exists():
-        return load_recipe(p / "recipe.yaml", overrides), p
-    if p.suffix == ".safetensors" and p.exists():
-        import yaml
-
-        meta = read_metadata(p)
-        if "recipe" not in meta:
-            raise UvitError(f"{p} carries no recipe in its metadata; pass the recipe instead")
-        raw = apply_overrides(yaml.safe_load(meta["recipe"]), overrides)
-        return recipe_from_dict(raw, source=f"{p} (embedded recipe)"), p
-    return load_recipe(target, overrides), None
 
 
 @app.command("info")
@@ -74,17 +46,15 @@ def info_cmd(
     """
     import torch
 
-    from ..build import build_model
-    from ..flops import forward_flops
-    from ..recipe import dump_recipe
+    from .. import build, flops  # deferred: loads torch (cli/app.py)
 
     setup_logging()
-    recipe, ckpt = load_recipe_or_checkpoint(target, overrides)
+    recipe, ckpt = build.load_recipe_for(target, overrides)
     with torch.device("meta"):
-        model = build_model(recipe)
+        model = build.build_model(recipe)
     params = sum(p.numel() for p in model.parameters())
     tokens = (recipe.model.img_size // recipe.model.patch_size) ** 2
-    flops = forward_flops(model)
+    gflops = flops.forward_flops(model)
     if show_recipe:
         console.rule(f"resolved recipe: {recipe.name}")
         console.print(dump_recipe(recipe), highlight=False, markup=False)
@@ -92,8 +62,8 @@ def info_cmd(
     table.add_row("parameters", f"{params:,}")
     table.add_row("tokens", f"{tokens} patches + {model.extras} extra ({tokens + model.extras} in all)")
     table.add_row("layers", f"{recipe.model.num_layers} (official depth={recipe.model.num_layers - 1})")
-    table.add_row("forward GFLOPs / image", f"{flops / 2e9:.2f} multiply-adds (paper convention); "
-                                             f"{flops / 1e9:.2f} FLOPs")
+    table.add_row("forward GFLOPs / image", f"{gflops / 2e9:.2f} multiply-adds (paper convention); "
+                                             f"{gflops / 1e9:.2f} FLOPs")
     table.add_row("conditioning", recipe.conditioning + (" + null (guidance)" if recipe.has_null_condition else ""))
     table.add_row("guidance w", f"{recipe.sample.cfg_scale} (official scale {recipe.sample.cfg_scale - 1:g})")
     if ckpt is not None:
@@ -103,7 +73,7 @@ def info_cmd(
 
 @app.command("convert")
 def convert_cmd(
-    checkpoint: Path = typer.Argument(..., help="official U-ViT .pth state dict (nnet_ema.pth or a released file)"),
+    official: Path = typer.Argument(..., metavar="CHECKPOINT", help="official U-ViT .pth state dict (nnet_ema.pth or a released file)"),
     recipe_path: str = typer.Option(..., "--recipe", "-r", help="recipe that describes the checkpoint's model"),
     out: Path = typer.Option(..., "--out", "-o", help="output .safetensors file"),
     overrides: Optional[List[str]] = SetOption,
@@ -114,16 +84,14 @@ def convert_cmd(
 
     Example: uvit convert imagenet256_uvit_huge.pth --recipe imagenet256_uvit_h2 --out uvit_h2.safetensors
     """
-    from ..build import build_model
-    from ..checkpoint import load_into, read_official_pth, save_weights
-    from ..recipe import dump_recipe, load_recipe
+    from .. import build, checkpoint  # deferred: loads torch (cli/app.py)
 
     setup_logging()
     if out.suffix != ".safetensors":
         raise UvitError(f"--out {out}: the output must end in .safetensors")
     recipe = load_recipe(recipe_path, overrides)
-    sd = read_official_pth(checkpoint)
-    model = build_model(recipe)
-    load_into(model, sd, source=str(checkpoint))
-    save_weights(out, model.state_dict(), dump_recipe(recipe), source=str(checkpoint), kind="ema")
+    sd = checkpoint.read_official_pth(official)
+    model = build.build_model(recipe)
+    checkpoint.load_into(model, sd, source=str(official))
+    checkpoint.save_weights(out, model.state_dict(), dump_recipe(recipe), source=str(official), kind="ema")
     console.print(f"wrote {out} ({sum(v.numel() for v in sd.values()):,} parameters, strict load OK)")

@@ -6,20 +6,18 @@ import logging
 from pathlib import Path
 from typing import List, Optional
 
-import enum
-
+import numpy as np
 import typer
 
+from ..data.imagenet_classes import imagenet_class_id, imagenet_class_names
 from ..errors import UvitError
-from . import app
-from .common import SetOption, console, err_console, parse_seeds, setup_logging
+from .app import app, console, setup_logging
+from .options import (IO, PERF, DeviceOption, PrecisionChoice, SamplerChoice, SetOption, VerboseOption,
+                      WeightsChoice, WeightsOption, parse_seeds, precision_option, sampling_overrides, value)
+from .progress import progress_bar
 
 log = logging.getLogger("uvit_cli.sample")
 
-Sampler = enum.Enum("Sampler", {n: n for n in ("dpm_solver", "dpm_solver_pp", "dpm_solver_pp_2m", "euler_maruyama",
-                                                  "pf_ode_euler", "ddim")}, type=str)
-Precision = enum.Enum("Precision", {n: n for n in ("fp32", "bf16", "fp16")}, type=str)
-Weights = enum.Enum("Weights", {n: n for n in ("ema", "raw")}, type=str)
 GRID_MAX = 256  # a grid shows at most this many samples; --out-dir / --npz take any number
 
 
@@ -34,10 +32,6 @@ def _class_tokens(values: List[str]) -> list[str]:
 def class_ids_for(values: List[str], seeds: list[int], num_classes: int) -> list[int]:
     """One class id per seed from --class values: ids, ImageNet names (cycled over the seeds), "random" (a class
     drawn from each seed, so it does not depend on the other seeds) or "balanced" (sample i gets class i mod K)."""
-    import numpy as np
-
-    from ..data.imagenet_classes import imagenet_class_id
-
     tokens = _class_tokens(values)
     if not tokens:
         raise UvitError("--class is empty; pass class ids, names, 'random' or 'balanced'")
@@ -74,45 +68,8 @@ def read_prompts(prompts: Optional[List[str]], prompts_file: Optional[Path]) -> 
 
 def _class_label(k: int, num_classes: int) -> str:
     if num_classes == 1000:
-        from ..data.imagenet_classes import imagenet_class_names
-
         return f"{k} {imagenet_class_names()[k]}"
     return f"class {k}"
-
-
-# Loading seams (tests replace them with tiny stand-ins).
-def _load_decoder(spec: str, scale_factor: float, device, allow_download: bool | None = None):
-    from ..autoencoder import load_autoencoder
-
-    return load_autoencoder(spec, scale_factor, device, allow_download=allow_download)
-
-
-def _load_text_encoder(spec: str, device, allow_download: bool | None = None):
-    from ..text import load_text_encoder
-
-    return load_text_encoder(spec, device, allow_download=allow_download)
-
-
-def _device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def _progress_bar():
-    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from rich.text import Text
-
-    class NfeRate(ProgressColumn):
-        def render(self, task):
-            speed = task.finished_speed or task.speed
-            return Text("" if speed is None else f"{speed:.2f} NFE/s")
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                    TextColumn("NFE {task.completed}/{task.total}"), NfeRate(), TimeElapsedColumn(), TextColumn("eta"),
-                    TimeRemainingColumn(), console=err_console, transient=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -126,7 +83,7 @@ def sample_cmd(
     recipe_path: Optional[str] = typer.Option(None, "--recipe", "-r", help="recipe that describes the checkpoint's "
                                               "model (required for official .pth files)"),
     overrides: Optional[List[str]] = SetOption,
-    weights: Weights = typer.Option("ema", "--weights", help="which weights of a run directory"),
+    weights: WeightsChoice = WeightsOption,
     classes: Optional[List[str]] = typer.Option(None, "--class", "-c", metavar="ID|NAME|random|balanced",
                                                 help="class ids or ImageNet names (repeatable or comma-separated, "
                                                 "cycled over the seeds), 'random' or 'balanced'",
@@ -141,8 +98,8 @@ def sample_cmd(
     n: Optional[int] = typer.Option(None, "--n", min=1, help="number of images, seeds --seed.. (default 16)",
                                     rich_help_panel="Seeds"),
     seed: int = typer.Option(0, "--seed", min=0, help="first seed with --n", rich_help_panel="Seeds"),
-    sampler: Optional[Sampler] = typer.Option(None, "--sampler", help="sampler (default: the recipe's)",
-                                              rich_help_panel="Sampler"),
+    sampler: Optional[SamplerChoice] = typer.Option(None, "--sampler", help="sampler (default: the recipe's)",
+                                                    rich_help_panel="Sampler"),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="sampler steps (default: the recipe's)",
                                         rich_help_panel="Sampler"),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", min=0.0, help="guidance w, 1 = off (the "
@@ -150,28 +107,27 @@ def sample_cmd(
                                               rich_help_panel="Sampler"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="samples per sampler batch "
                                              "(default: the recipe's); images do not depend on it",
-                                             rich_help_panel="Performance"),
+                                             rich_help_panel=PERF),
     forward_batch: Optional[int] = typer.Option(None, "--forward-batch", min=1, help="samples per network forward "
                                                 "(default 4 on CPU, 32 on GPU); images depend on it in the last bits",
-                                                rich_help_panel="Performance"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N", rich_help_panel="Performance"),
-    precision: Precision = typer.Option("fp32", "--precision", help="autocast precision of the network",
-                                        rich_help_panel="Performance"),
+                                                rich_help_panel=PERF),
+    device: str = DeviceOption,
+    precision: PrecisionChoice = precision_option("autocast precision of the network"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="labelled grid PNG (default grid.png when neither "
-                                       "--out-dir nor --npz is given)", rich_help_panel="I/O"),
+                                       "--out-dir nor --npz is given)", rich_help_panel=IO),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="one PNG per sample, named by seed",
-                                           rich_help_panel="I/O"),
+                                           rich_help_panel=IO),
     npz: Optional[Path] = typer.Option(None, "--npz", help="ADM .npz (uint8 NHWC arr_0, labels arr_1)",
-                                       rich_help_panel="I/O"),
+                                       rich_help_panel=IO),
     vae: Optional[str] = typer.Option(None, "--vae", help="VAE hub id or local path for latent models (default: "
-                                      "the recipe's data.vae)", rich_help_panel="I/O"),
+                                      "the recipe's data.vae)", rich_help_panel=IO),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="CLIP text encoder id or local path "
                                                "for text models (default: the recipe's data.text_encoder)",
-                                               rich_help_panel="I/O"),
+                                               rich_help_panel=IO),
     allow_download: Optional[bool] = typer.Option(None, "--allow-download", help="let a missing VAE or text "
                                                    "encoder download from the hub (default: UVIT_ALLOW_DOWNLOAD)",
-                                                   rich_help_panel="I/O"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+                                                   rich_help_panel=IO),
+    verbose: bool = VerboseOption,
 ) -> None:
     """Draw samples from a run directory or checkpoint: a labelled grid, a PNG per seed, or an ADM .npz.
 
@@ -183,31 +139,25 @@ def sample_cmd(
     """
     import torch
 
-    from ..checkpoint import load_model
-    from ..generate import generate, nfe_per_sample
-    from ..images import save_grid, save_npz, save_pngs
+    from .. import build, generate, outputs, runtime  # deferred: loads torch (cli/app.py)
 
     setup_logging(verbose)
-    sampler = sampler.value if sampler is not None else None
-    precision, weights = Precision(precision).value, Weights(weights).value
+    precision = value(precision)
     if seeds_text and n is not None:
         raise UvitError("pass either --seeds or --n/--seed, not both")
     seeds = parse_seeds(seeds_text) if seeds_text else list(range(seed, seed + (n or 16)))
     prompt_list = read_prompts(prompts, prompts_file)
+    dev = runtime.resolve_device(device)
 
-    model, recipe, path = load_model(target, recipe_path, overrides, weights)
-    kind = recipe.conditioning
-    w = recipe.sample.cfg_scale if cfg_scale is None else cfg_scale
+    sets = [*(overrides or []), *sampling_overrides(sampler, steps, cfg_scale)]
+    model, recipe, path = build.load_model(target, recipe_path, sets, value(weights))
+    kind, w = recipe.conditioning, recipe.sample.cfg_scale
     if kind != "text" and prompt_list:
         fix = "class-conditional: pass --class ids or names" if kind == "class" else "unconditional: drop --prompt"
         raise UvitError(f"--prompt given, but this model is {fix}")
     if kind != "class" and classes:
         fix = "text-conditional: pass --prompt" if kind == "text" else "unconditional: drop --class"
         raise UvitError(f"--class given, but this model is {fix}")
-    if w != 1.0 and not recipe.has_null_condition:
-        raise UvitError(f"--cfg-scale {w:g}: guidance needs a model trained with a null condition (model.null_class "
-                        "and train.p_uncond > 0); this one has none, so pass --cfg-scale 1")
-    device = _device(device)
 
     cond, labels, captions, null_context = None, None, None, None
     cycle = 0                                     # a cycled list of K classes or prompts: one grid column each
@@ -223,7 +173,7 @@ def sample_cmd(
     elif kind == "text":
         if not prompt_list:
             raise UvitError("this model is text-conditional: pass --prompt TEXT or --prompts-file FILE")
-        encoder = _load_text_encoder(text_encoder or recipe.data.text_encoder, device, allow_download)
+        encoder = build.build_text_encoder(recipe, dev, text_encoder, allow_download)
         per_seed = [prompt_list[i % len(prompt_list)] for i in range(len(seeds))]
         unique = list(dict.fromkeys(per_seed + ([""] if w != 1.0 else [])))
         feats = encoder.encode(unique).float().cpu()
@@ -234,24 +184,17 @@ def sample_cmd(
         cycle = len(prompt_list)
     else:
         captions = [f"seed {s}" for s in seeds]
-    decoder = None
-    if recipe.is_latent:
-        decoder = _load_decoder(vae or recipe.data.vae, recipe.data.scale_factor, device, allow_download)
+    decoder = build.build_decoder(recipe, dev, vae, allow_download)
 
-    nfe = nfe_per_sample(recipe, sampler, steps)
     stats: dict = {}
-    console.print(f"sampling {len(seeds)} images from {path} · {sampler or recipe.sample.sampler} "
-                  f"{steps or recipe.sample.steps} steps ({nfe} NFE/image) · guidance w={w:g} · {device} {precision}",
-                  highlight=False)
-    with _progress_bar() as bar:
+    s = recipe.sample
+    console.print(f"sampling {len(seeds)} images from {path} · {s.sampler} {s.steps} steps "
+                  f"({build.nfe_per_sample(recipe)} NFE/image) · guidance w={w:g} · {dev} {precision}", highlight=False)
+    with progress_bar("NFE") as bar:
         task = bar.add_task("sample", total=None)
-
-        def progress(done, total):
-            bar.update(task, completed=done, total=total)
-
-        images = generate(model, recipe, seeds, cond, cfg_scale=w, sampler=sampler, steps=steps,
-                          batch_size=batch_size, device=device, precision=precision, decoder=decoder,
-                          null_context=null_context, progress=progress, forward_batch=forward_batch, stats=stats)
+        images = generate.generate(model, recipe, seeds, cond, batch_size=batch_size, device=dev, precision=precision,
+                          decoder=decoder, null_context=null_context, forward_batch=forward_batch, stats=stats,
+                          progress=lambda done, total: bar.update(task, completed=done, total=total))
 
     written = []
     if out is not None or (out_dir is None and npz is None):
@@ -260,13 +203,13 @@ def sample_cmd(
             log.warning("the grid shows the first %d of %d samples; use --out-dir or --npz for all", GRID_MAX,
                         len(images))
         cols = cycle if 2 <= cycle <= 16 and len(images) > cycle else None
-        save_grid(images[:GRID_MAX], grid_path, captions[:GRID_MAX], ncols=cols)
+        outputs.save_grid(images[:GRID_MAX], grid_path, captions[:GRID_MAX], ncols=cols)
         written.append(f"grid {grid_path}")
     if out_dir is not None:
-        save_pngs(images, out_dir, seeds)
+        outputs.save_pngs(images, out_dir, seeds)
         written.append(f"{len(seeds)} PNGs in {out_dir}")
     if npz is not None:
-        save_npz(npz, images, labels)
+        outputs.save_npz(npz, images, labels)
         written.append(f"{npz} (arr_0 {tuple(images.shape)}" + (", arr_1 labels)" if labels is not None else ")"))
     console.print(f"wrote {'; '.join(written)} · {stats['seconds']:.1f}s, {stats['images_per_s']:.2f} images/s",
                   highlight=False)

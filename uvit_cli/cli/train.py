@@ -10,8 +10,11 @@ from typing import List, Optional
 import typer
 
 from ..errors import UvitError
-from . import app
-from .common import SetOption, console, err_console, setup_logging
+from ..recipe import dump_recipe, load_recipe
+from ..run import RUN_RECIPE, check_resume_compatible, latest_run, new_run_dir
+from .app import app, console, setup_logging
+from .options import DeviceOption, NprocOption, SetOption, VerboseOption, strip_option
+from .progress import progress_bar
 
 
 @app.command("train")
@@ -26,11 +29,9 @@ def train_cmd(
                                  "and data, then exit"),
     runs_root: Path = typer.Option(Path("runs"), "--runs", help="where numbered run directories are created",
                                    rich_help_panel="I/O"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (torchrun: from LOCAL_RANK)",
-                               rich_help_panel="Performance"),
-    nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="launch this many processes with "
-                                       "torchrun (DDP; NCCL on GPUs, gloo on CPU)", rich_help_panel="Performance"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+    device: str = DeviceOption,
+    nproc_per_node: int = NprocOption,
+    verbose: bool = VerboseOption,
 ) -> None:
     """Train a U-ViT from a recipe.
 
@@ -39,29 +40,22 @@ def train_cmd(
       uvit train coco_uvit_s_deep --set train.batch_size=128 --run-dir runs/coco
       torchrun --nproc-per-node 8 -m uvit_cli train imagenet256_uvit_h2   (or: uvit train ... --nproc-per-node 8)
     """
-    from ..recipe import load_recipe
-    from ..run import check_resume_compatible, latest_run, new_run_dir
+    from .. import checkpoint, distributed, train  # deferred: loads torch (cli/app.py)
 
     setup_logging(verbose)
     recipe = load_recipe(recipe_path, overrides)
     in_torchrun = "LOCAL_RANK" in os.environ
     if nproc_per_node > 1 and not in_torchrun:
-        from ..distributed import launch_torchrun
-
-        args = [a for a in sys.argv[1:]]
-        i = args.index("--nproc-per-node")
-        del args[i:i + 2]
+        args = strip_option(sys.argv[1:], "--nproc-per-node")
         if run_dir is None and not dry_run:  # every rank must agree on one directory
             args += ["--run-dir", str(new_run_dir(runs_root, recipe) if not resume else
                                       (latest_run(runs_root, recipe.name) or new_run_dir(runs_root, recipe)))]
-        raise typer.Exit(launch_torchrun(nproc_per_node, args))
+        raise typer.Exit(distributed.launch_torchrun(nproc_per_node, args))
 
     # Pick the run directory and decide whether this is a resume.
-    from ..checkpoint import RUN_RECIPE, list_states
-
     if run_dir is None:
         run_dir = (latest_run(runs_root, recipe.name) if resume else None) or new_run_dir(runs_root, recipe)
-    has_states = bool(list_states(run_dir))
+    has_states = bool(checkpoint.list_states(run_dir))
     if resume is None:
         resume = has_states
     if has_states and not resume:
@@ -74,15 +68,8 @@ def train_cmd(
         _dry_run(recipe, run_dir, resume and has_states)
         return
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from .. import distributed
-    from ..train import train
-
     main = int(os.environ.get("RANK", "0")) == 0
-    with Progress(TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[stats]}"),
-                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console,
-                  disable=not main, transient=False) as bar:
+    with progress_bar("step", stats=True, disable=not main) as bar:
         task = bar.add_task("train", total=recipe.train.steps, stats="")
 
         def progress(step, total, info):
@@ -91,7 +78,7 @@ def train_cmd(
             bar.update(task, completed=step, stats=stats)
 
         try:
-            train(recipe, run_dir, device=device, resume=resume, progress=progress)
+            train.train(recipe, run_dir, device=device, resume=resume, progress=progress)
         finally:
             distributed.cleanup()
     if main:
@@ -99,18 +86,13 @@ def train_cmd(
 
 
 def _dry_run(recipe, run_dir: Path, resuming: bool) -> None:
-    import torch
-
-    from ..build import build_model, build_source
-    from ..recipe import dump_recipe
-    from ..train import check_data_fits_model
+    from .. import build, train  # deferred: loads torch (cli/app.py)
 
     console.rule("resolved recipe")
     console.print(dump_recipe(recipe), highlight=False, markup=False)
-    with torch.device("meta"):
-        n = sum(p.numel() for p in build_model(recipe).parameters())
-    source = build_source(recipe)
-    check_data_fits_model(recipe, source)
+    n = build.parameter_count(recipe)
+    source = build.build_source(recipe)
+    train.check_data_fits_model(recipe, source)
     console.print(f"run directory: {run_dir} ({'resume' if resuming else 'new run'})")
     console.print(f"model: {recipe.model.size or 'custom'}, {n:,} parameters")
     console.print(f"data: {recipe.data.name}, {len(source):,} examples, "

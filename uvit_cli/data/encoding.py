@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_path
 from ..errors import UvitError
-from ..hub import sha256_file
+from ..files import read_json, sha256_file, write_json, write_safetensors
+from ..runtime import autocast
 from . import latents as L
+from .sources import CroppedImages, collate
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def _settle_config(out: Path, config: dict) -> dict:
     """Write encode_config.json, or check that a previous run used the same settings."""
     path = out / L.CONFIG
     if path.is_file():
-        old = L.read_json(path)
+        old = read_json(path)
         diff = [k for k in sorted(set(old) | set(config)) if k not in RESUMABLE_KEYS and old.get(k) != config.get(k)]
         if diff:
             shown = "; ".join(f"{k}: {old.get(k)!r} there, {config.get(k)!r} now" for k in diff[:4])
@@ -60,14 +61,12 @@ def _settle_config(out: Path, config: dict) -> dict:
             log.warning("batch size %s differs from the first run's %s: remaining shards may differ in the last "
                         "bits from an uninterrupted run", config["batch_size"], old.get("batch_size"))
         return old
-    L.write_json(path, config)
+    write_json(path, config)
     return config
 
 
 def _wait_for(path: Path, timeout_s: float = 3600.0) -> None:
     """Wait until rank 0 has written ``path`` (ranks start at slightly different times)."""
-    import time
-
     deadline = time.monotonic() + timeout_s
     while not path.is_file():
         if time.monotonic() > deadline:
@@ -76,19 +75,16 @@ def _wait_for(path: Path, timeout_s: float = 3600.0) -> None:
 
 
 def _write_null_context(out: Path, text) -> None:
-    from safetensors.torch import save_file
-
     path = out / L.NULL_CONTEXT
     if not path.is_file():
         ctx = text.encode([""])[0].to(torch.float16).cpu().contiguous()
-        with atomic_path(path) as tmp:
-            save_file({"context": ctx}, str(tmp), metadata={"format": L.FORMAT, "prompt": ""})
+        write_safetensors(path, {"context": ctx}, {"format": L.FORMAT, "prompt": ""})
 
 
 def finalize(out: str | Path) -> dict | None:
     """Write manifest.json once every shard is complete; returns it, or None while shards are missing."""
     out = Path(out)
-    config = L.read_json(out / L.CONFIG)
+    config = read_json(out / L.CONFIG)
     marks = L.completed_shards(out, config["num_shards"])
     if len(marks) < config["num_shards"]:
         return None
@@ -97,7 +93,7 @@ def finalize(out: str | Path) -> dict | None:
         p = out / L.NULL_CONTEXT
         null = {"file": L.NULL_CONTEXT, "sha256": sha256_file(p), "prompt": ""}
     manifest = L.build_manifest(out, config, marks, null)
-    L.write_json(out / L.MANIFEST, manifest)
+    write_json(out / L.MANIFEST, manifest)
     return manifest
 
 
@@ -140,8 +136,6 @@ def encode_latents(source, out: str | Path, vae, text=None, *, resolution: int, 
     """Encode this rank's pending shards of ``source`` into ``out``. Returns the manifest when the cache is
     complete (single process), else None (multi-rank: rank 0 calls :func:`finalize` after a barrier).
     ``progress(done_items, total_items)`` is called after every batch."""
-    from .images import CroppedImages, collate
-
     out = Path(out)
     if resolution % vae.downsample or resolution < vae.downsample:
         raise UvitError(f"--res {resolution} is not a multiple of the VAE's downsampling factor {vae.downsample}")
@@ -174,11 +168,11 @@ def encode_latents(source, out: str | Path, vae, text=None, *, resolution: int, 
     total = sum(len(b) for b in batches)
     if total:
         _run(source, out, vae, text, config, mine, batches, total,
-             CroppedImages(source, crop, resolution), collate, num_workers, precision, progress)
+             CroppedImages(source, crop, resolution), num_workers, precision, progress)
     return finalize(out) if world_size == 1 else None
 
 
-def _run(source, out, vae, text, config, mine, batches, total, dataset, collate, num_workers, precision, progress):
+def _run(source, out, vae, text, config, mine, batches, total, dataset, num_workers, precision, progress):
     """The loop: DataLoader workers decode and crop; this thread encodes; a writer thread saves shards."""
     device = vae.optimize_for_encoding().device
     loader = torch.utils.data.DataLoader(
@@ -186,8 +180,6 @@ def _run(source, out, vae, text, config, mine, batches, total, dataset, collate,
         pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None)
     C, h = config["latent_channels"], config["latent_size"]
     shape, flips, S = (2 * C, h, h), config["flips"], config["shard_size"]
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
     queue = iter(mine)
     shard = None
     done_items = 0
@@ -225,7 +217,7 @@ def _run(source, out, vae, text, config, mine, batches, total, dataset, collate,
                 recs = [k[1] for k in keep if k is not None]
                 if flips:
                     x = torch.cat([x, x.flip(-1)])
-                with torch.no_grad(), autocast:
+                with torch.no_grad(), autocast(device, precision):
                     m = vae.encode_moments(x).float().to(torch.float16).cpu()
                 shard.moments.append(m[:len(recs)])
                 if flips:
@@ -234,7 +226,7 @@ def _run(source, out, vae, text, config, mine, batches, total, dataset, collate,
                 shard.index += [k[0] for k in keep if k is not None]
                 if text is not None:
                     prompts = [c for r in recs for c in r.captions]
-                    with torch.no_grad(), autocast:
+                    with torch.no_grad(), autocast(device, precision):
                         feats = [text.encode(prompts[a:a + 256]) for a in range(0, len(prompts), 256)]
                     shard.contexts.append(torch.cat(feats).float().to(torch.float16).cpu())
                     shard.ncap += [len(r.captions) for r in recs]

@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
-from ..checkpoint import atomic_path
 from ..errors import UvitError
-from ..hub import sha256_file
+from ..files import read_json, sha256_file, write_json, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +45,10 @@ def shard_name(s: int) -> str:
     return f"shard-{s:05d}"
 
 
-def write_json(path: Path, data: dict) -> None:
-    """JSON written atomically (sorted keys, so reruns give identical bytes)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
 def write_shard(root: Path, s: int, tensors: dict, mark: dict) -> dict:
     """Write shard ``s`` atomically, then its completion mark (count, bytes, sha256 + ``mark``). Returns the mark."""
-    from safetensors.torch import save_file
-
     path = root / SHARD_DIR / f"{shard_name(s)}.safetensors"
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": FORMAT})
+    write_safetensors(path, tensors, {"format": FORMAT})
     mark = dict(mark, file=f"{SHARD_DIR}/{path.name}", bytes=path.stat().st_size, sha256=sha256_file(path))
     write_json(root / SHARD_DIR / f"{shard_name(s)}.json", mark)
     return mark
@@ -135,8 +123,6 @@ def build_manifest(root: Path, config: dict, marks: dict[int, dict], null_contex
 
 def verify_latents(root: str | Path, progress=None) -> dict:
     """Re-read every shard: file checksums, tensor shapes and counts, finite values; UvitError listing problems."""
-    from safetensors import safe_open
-
     root = Path(root)
     manifest = _read_manifest(root)
     problems, total, caps = [], 0, 0
@@ -209,8 +195,6 @@ class LatentDataset(torch.utils.data.Dataset):
     MAX_OPEN = 64
 
     def __init__(self, root: str | Path):
-        from safetensors import safe_open
-
         self.root = Path(root)
         self.manifest = _read_manifest(self.root)
         self.flips = bool(self.manifest["flips"])
@@ -236,8 +220,6 @@ class LatentDataset(torch.utils.data.Dataset):
             len(self.caption_counts) else 0
         self.null_context = None
         if self.manifest.get("null_context"):
-            from safetensors.torch import load_file
-
             self.null_context = load_file(str(self.root / NULL_CONTEXT))["context"]
         self._handles: OrderedDict = OrderedDict()
         self._pid = None
@@ -247,8 +229,6 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def _handle(self, s: int):
         """An open shard; at most MAX_OPEN per process (ImageNet has ~1,300 shards), reopened per worker."""
-        from safetensors import safe_open
-
         if self._pid != os.getpid():            # DataLoader workers open their own handles
             self._handles, self._pid = OrderedDict(), os.getpid()
         if s in self._handles:
@@ -274,6 +254,16 @@ class LatentDataset(torch.utils.data.Dataset):
         if not 0 <= k < hi - lo:
             raise IndexError(f"caption {k} out of range: item {i} has {hi - lo} captions")
         return moments, h.get_slice("contexts")[lo + k:lo + k + 1][0]
+
+
+    def get(self, i: int, flip: bool = False, caption: int | None = None):
+        """The training-source interface (data/pixels.py): (moments, label or None) or (moments, caption's context).
+        Flips are stored as separate items (the official ImageNet features), never applied here."""
+        if caption is not None:
+            moments, context = self[(i, caption)]
+            return moments, context.float()
+        moments, label = self[i]
+        return moments, (None if int(label) < 0 else int(label))
 
 
 def open_latents(path: str | Path) -> LatentDataset:

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.digits import load_digits_uint8
 from ..errors import UvitError
+from ..files import read_safetensors, write_safetensors
 from .frechet import GaussianStats, frechet_distance_stats
 
 log = logging.getLogger(__name__)
@@ -93,8 +95,6 @@ def train_classifier(seed: int = SEED, epochs: int = EPOCHS) -> DigitsClassifier
 
 
 def _train(seed: int, epochs: int) -> DigitsClassifier:
-    from ..data.digits import load_digits_uint8
-
     images, labels = load_digits_uint8()
     x, y = to_input(images), torch.from_numpy(labels)
     gen = torch.Generator().manual_seed(seed)
@@ -124,24 +124,19 @@ def classifier_path() -> Path:
 
 def load_classifier(path: str | Path | None = None) -> DigitsClassifier:
     """The cached classifier; trained once (seconds) and written atomically when the cache has none."""
-    from safetensors.torch import load_file, save_file
-
-    from ..checkpoint import atomic_path
-
     p = Path(path) if path else classifier_path()
     model = DigitsClassifier()
     if p.is_file():
         try:
-            model.load_state_dict(load_file(str(p)))
+            model.load_state_dict(read_safetensors(p))
             return model.eval()
         except Exception as e:  # noqa: BLE001 - a corrupt cache entry is rebuilt
             log.warning("rebuilding the digits classifier cache %s (%s)", p, e)
     log.info("training the digits metric classifier once (cached at %s)", p)
     with torch.enable_grad():
         model = train_classifier()
-    with atomic_path(p) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
-                  metadata={"what": "uvit digits metric classifier", "version": str(VERSION), "seed": str(SEED)})
+    write_safetensors(p, model.state_dict(),
+                      {"what": "uvit digits metric classifier", "version": str(VERSION), "seed": str(SEED)})
     return model
 
 
@@ -160,8 +155,6 @@ def digits_outputs(model: DigitsClassifier, images, batch_size: int = 1024) -> t
 
 def real_digits_stats(model: DigitsClassifier) -> GaussianStats:
     """Feature statistics of all 1,797 real digits (the reference for ``fd_digits``)."""
-    from ..data.digits import load_digits_uint8
-
     feats, _ = digits_outputs(model, load_digits_uint8()[0])
     return GaussianStats.from_features(feats)
 

@@ -15,12 +15,21 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 
 from ..errors import UvitError
+from ..files import sha256_file
+from ..recipe import Metric, choices
+from .digits import VERSION as DIGITS_VERSION
+from .digits import digits_outputs, load_classifier, real_digits_stats
+from .features import Features, FeatureExtractor, canonical_mode
+from .frechet import GaussianStats, frechet_distance_stats
+from .inception import load_fid_inception
+from .precision_recall import precision_recall
+from .reference import load_reference, write_stats
 from .sources import ArraySource, ImageSource, open_source
 
 log = logging.getLogger(__name__)
 
-INCEPTION_METRICS = ("fid", "sfid", "is", "precision", "recall")
 DIGITS_METRICS = ("fd_digits", "acc_digits")
+INCEPTION_METRICS = tuple(m for m in choices(Metric) if m not in DIGITS_METRICS)  # fid, sfid, is, precision, recall
 MIN_SAMPLES = {"fid": 2, "sfid": 2, "is": 1, "precision": 4, "recall": 4}  # P/R: k = 3 neighbours + the point
 
 
@@ -89,8 +98,6 @@ def evaluate(samples, ref: str | Path | None = None, *, metrics: str | Iterable[
     frechet_method: "sqrtm" (the reference evaluators' numerics) or "eigh" (symmetric eigen form: same value for
     PSD covariances, several times faster on a CPU; see frechet.trace_sqrt_product).
     """
-    from .features import canonical_mode
-
     mode = "digits" if mode == "digits" else canonical_mode(mode)
     names = parse_metrics(metrics, mode)
     source = _as_source(samples, channels=1 if mode == "digits" else 3)
@@ -109,10 +116,6 @@ def evaluate(samples, ref: str | Path | None = None, *, metrics: str | Iterable[
         card.update(extra)
         return EvalResult(values, card)
 
-    from .features import FeatureExtractor
-    from .inception import file_sha256, load_fid_inception
-    from .reference import load_reference
-
     if not ref:
         raise UvitError("no reference to compare with: pass --ref (an image folder, an ADM reference batch, a "
                         "fid_stats .npz or `uvit fid-stats` output) or set eval.ref in the recipe")
@@ -121,7 +124,7 @@ def evaluate(samples, ref: str | Path | None = None, *, metrics: str | Iterable[
     def extractor() -> FeatureExtractor:  # loaded after the reference is validated (cheap errors first)
         if not lazy:
             model = load_fid_inception(inception_weights, device=device, exact=exact)
-            lazy.update(x=FeatureExtractor(model, mode, device, batch_size), sha=file_sha256(model.weights_path))
+            lazy.update(x=FeatureExtractor(model, mode, device, batch_size), sha=sha256_file(model.weights_path))
         return lazy["x"]
 
     need = set()
@@ -153,9 +156,6 @@ def evaluate(samples, ref: str | Path | None = None, *, metrics: str | Iterable[
 
 
 def _inception_values(names: tuple, feats, reference, device: str, method: str) -> dict:
-    from .frechet import frechet_distance_stats
-    from .precision_recall import precision_recall
-
     out = {}
     if "fid" in names:
         out["fid"] = frechet_distance_stats(feats.pool, reference.pool, method)
@@ -170,11 +170,6 @@ def _inception_values(names: tuple, feats, reference, device: str, method: str) 
 
 
 def _evaluate_digits(source: ImageSource, ref, names: tuple, n: int, labels, stage, batch_size: int, method: str):
-    from .digits import VERSION, digits_outputs, load_classifier, real_digits_stats
-    from .features import Features
-    from .frechet import GaussianStats, frechet_distance_stats
-    from .reference import load_reference
-
     model = load_classifier()
 
     def extract(src: ImageSource, keep: bool = False, limit: Optional[int] = None, name: str = "reference"):
@@ -194,7 +189,7 @@ def _evaluate_digits(source: ImageSource, ref, names: tuple, n: int, labels, sta
 
     if ref:
         reference = load_reference(ref, need={"pool"}, extract=extract, mode="digits",
-                                   weights_sha256=f"digits-v{VERSION}", channels=1)
+                                   weights_sha256=f"digits-v{DIGITS_VERSION}", channels=1)
         ref_stats, ref_card = reference.pool, reference.card()
     else:
         ref_stats = real_digits_stats(model)
@@ -205,7 +200,7 @@ def _evaluate_digits(source: ImageSource, ref, names: tuple, n: int, labels, sta
         values["fd_digits"] = frechet_distance_stats(feats.pool, ref_stats, method)
     if "acc_digits" in names and labels is not None:
         values["acc_digits"] = float((feats.extra["preds"] == np.asarray(labels)[:n]).mean())
-    card = {"pipeline": f"digits classifier v{VERSION} (64-d features; a domain metric, NOT comparable to "
+    card = {"pipeline": f"digits classifier v{DIGITS_VERSION} (64-d features; a domain metric, NOT comparable to "
                         "Inception FID)", **ref_card}
     if "acc_digits" in names and labels is None:
         card["acc_note"] = "acc_digits needs class labels (arr_1 in the .npz); none were given"
@@ -221,28 +216,20 @@ def build_reference_stats(source, out: str | Path, *, mode: str = "pytorch_fid",
     The file holds mu/sigma (pool_3) and mu_s/sigma_s (sFID) as pytorch-fid and ADM name them, optional per-image
     pool features (``feats``, for precision/recall), and ``uvit_meta`` recording the mode, weights and source.
     """
-    from .features import Features, FeatureExtractor, canonical_mode
-    from .frechet import GaussianStats
-    from .reference import write_stats
-
     mode = "digits" if mode == "digits" else canonical_mode(mode)
     src = _as_source(source, channels=1 if mode == "digits" else 3)
     n = _check_count(src, num_samples, ("fid",))
     if mode == "digits":
-        from .digits import VERSION, digits_outputs, load_classifier
-
         model = load_classifier()
         feats = np.concatenate([digits_outputs(model, b)[0] for b in src.batches(1024, n)])
         result = Features(n=len(feats), pool=GaussianStats.from_features(feats),
                           pool_features=feats.astype(np.float32) if keep_features else None)
-        weights_sha, pipeline = f"digits-v{VERSION}", f"digits classifier v{VERSION}"
+        weights_sha, pipeline = f"digits-v{DIGITS_VERSION}", f"digits classifier v{DIGITS_VERSION}"
     else:
-        from .inception import file_sha256, load_fid_inception
-
         model = load_fid_inception(inception_weights, device=device, exact=exact)
         extractor = FeatureExtractor(model, mode, device, batch_size)
         result = extractor.extract(src, limit=n, want=("pool", "spatial"), keep_pool=keep_features, progress=progress)
-        weights_sha, pipeline = file_sha256(model.weights_path), extractor.card()["pipeline"]
+        weights_sha, pipeline = sha256_file(model.weights_path), extractor.card()["pipeline"]
     meta = {"mode": mode, "pipeline": pipeline, "source": src.name, "source_sha256": src.sha256(),
             "weights_sha256": weights_sha, "count": result.n, "shape": list(src.shape)}
     write_stats(out, result, meta)

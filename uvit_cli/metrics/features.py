@@ -69,7 +69,8 @@ def tf1_resize_bilinear(x: torch.Tensor, size: int = SIZE) -> torch.Tensor:
 
 
 def _clean_resize(batch: np.ndarray) -> np.ndarray:
-    from cleanfid.resize import make_resizer  # clean-fid's own PIL float resizer, so "clean" means clean-fid's
+    # clean-fid's own PIL float resizer, so "clean" means clean-fid's; deferred: clean-fid takes ~1 s to import
+    from cleanfid.resize import make_resizer
 
     fn = make_resizer("PIL", False, "bicubic", (SIZE, SIZE))
     return np.stack([fn(img) for img in batch])

@@ -9,9 +9,11 @@ is not used.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import linalg
 
 from ..errors import UvitError
 
@@ -77,10 +79,6 @@ def _as_float64(feats) -> np.ndarray:
 
 
 def _sqrtm(a: np.ndarray) -> np.ndarray:
-    import warnings
-
-    from scipy import linalg
-
     with warnings.catch_warnings():  # a singular product is handled below (eps retry / imaginary check)
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         return linalg.sqrtm(a)

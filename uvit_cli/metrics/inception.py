@@ -8,7 +8,6 @@ unbiased logits (pool_3 times fc.weight, no bias; Inception Score). The network 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -48,7 +47,8 @@ def _tf_pool(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def _blocks():
-    """Subclasses of torchvision's Inception blocks whose pool branch pools as the TF graph does."""
+    """Subclasses of torchvision's Inception blocks whose pool branch pools as the TF graph does (built on first
+    use: torchvision costs ~1.5 s to import and only the Inception metrics need it)."""
     from torchvision.models.inception import InceptionA, InceptionC, InceptionE
 
     class TFInceptionA(InceptionA):
@@ -90,7 +90,7 @@ class FIDInception(nn.Module):
 
     def __init__(self):
         super().__init__()
-        from torchvision.models.inception import Inception3
+        from torchvision.models.inception import Inception3  # deferred like _blocks()
 
         A, C, E = _blocks()
         net = Inception3(num_classes=NUM_LOGITS, aux_logits=False, init_weights=False, transform_input=False)
@@ -170,15 +170,6 @@ def find_inception_weights(path: str | Path | None = None) -> Path:
     raise UvitError(f"the FID Inception weights {WEIGHTS_FILE} were not found (looked in {tried}). Download them "
                     f"once from {WEIGHTS_URL} into {candidates[-1].parent}/, or pass --inception-weights PATH / set "
                     f"{WEIGHTS_ENV}. For the built-in digits use --mode digits (no Inception needed)")
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_fid_inception(path: str | Path | None = None, device: str | torch.device = "cpu",

@@ -8,14 +8,20 @@ result does not depend on batch size, device count or interruptions.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import torch
 
+from ..build import build_decoder, nfe_per_sample
 from ..errors import UvitError
+from ..generate import generate
+from ..recipe import recipe_to_dict
 from .evaluate import evaluate
+from .sample_store import sample_to_npz
 from .sources import ArraySource
 
 log = logging.getLogger(__name__)
@@ -34,21 +40,12 @@ def class_labels(recipe, n: int, seed: int = 0) -> Optional[np.ndarray]:
     return (np.arange(n) % k).astype(np.int64)
 
 
-def nfe(recipe) -> Optional[int]:
-    """Network evaluations per sample for the recipe's sampler (a guided evaluation is one cond+uncond batch)."""
-    try:
-        from ..generate import nfe_per_sample
-    except ImportError:
-        return None
-    return int(nfe_per_sample(recipe))
-
-
 def sampling_card(recipe, *, num_samples: int, seed: int, weights: str = "ema", checkpoint: str | None = None,
                   checkpoint_sha256: str | None = None, precision: str = "fp32") -> dict:
     """The sampling half of the protocol card."""
     s = recipe.sample
     card = {"recipe": recipe.name, "weights": weights, "sampler": s.sampler, "steps": s.steps,
-            "nfe": nfe(recipe), "guidance_w": s.cfg_scale,
+            "nfe": nfe_per_sample(recipe), "guidance_w": s.cfg_scale,
             "guidance_convention": "w (1 = off); official U-ViT scale = w - 1",
             "class_sampling": recipe.eval.class_sampling if recipe.conditioning == "class" else "none",
             "seeds": f"{seed}..{seed + num_samples - 1} (one per sample)", "precision": precision}
@@ -61,20 +58,8 @@ def sampling_card(recipe, *, num_samples: int, seed: int, weights: str = "ema", 
     return card
 
 
-def _generate():
-    try:
-        from ..generate import generate
-    except ImportError as e:
-        raise UvitError(f"sampling is not available in this build ({e}); score an existing folder or .npz") from None
-    return generate
-
-
 def _decoder(recipe, device, decoder):
-    if decoder is not None or not recipe.is_latent:
-        return decoder
-    from ..autoencoder import load_autoencoder
-
-    return load_autoencoder(recipe.data.vae, recipe.data.scale_factor, device=device)
+    return decoder if decoder is not None else build_decoder(recipe, device)
 
 
 def evaluate_model(model, recipe, *, num_samples: int, device: str = "cpu", precision: str = "fp32",
@@ -85,16 +70,14 @@ def evaluate_model(model, recipe, *, num_samples: int, device: str = "cpu", prec
     Returns the metric values plus "protocol" (the card). For ``eval.mode: digits`` the values are fd_digits and
     acc_digits (a CPU domain metric, not Inception FID). Used by the training monitor and the ablation suite.
     """
-    import torch
-
     labels = class_labels(recipe, num_samples, seed)
     seeds = list(range(seed, seed + num_samples))
     was_training = model.training
     model.eval()
     try:
-        images = _generate()(model, recipe, seeds, None if labels is None else torch.from_numpy(labels),
-                             batch_size=batch_size, device=device, precision=precision,
-                             decoder=_decoder(recipe, device, decoder), progress=progress)
+        images = generate(model, recipe, seeds, None if labels is None else torch.from_numpy(labels),
+                          batch_size=batch_size, device=device, precision=precision,
+                          decoder=_decoder(recipe, device, decoder), progress=progress)
     finally:
         model.train(was_training)
     images = images.cpu().numpy() if hasattr(images, "cpu") else np.asarray(images)
@@ -108,10 +91,6 @@ def evaluate_model(model, recipe, *, num_samples: int, device: str = "cpu", prec
 def sampling_identity(recipe) -> str:
     """SHA-256 of the recipe fields that change what is sampled (model, diffusion, sampler, classes, VAE), so
     editing e.g. eval.ref or train.* does not invalidate kept samples."""
-    import json
-
-    from ..recipe import recipe_to_dict
-
     d = recipe_to_dict(recipe)
     d["sample"].pop("batch_size")        # samples do not depend on the batch size (per-sample seeds)
     d["model"].pop("grad_checkpoint")    # nor on activation checkpointing
@@ -132,11 +111,6 @@ def sample_for_eval(model, recipe, out: str | Path, num_samples: int, *, meta: d
                     device: str = "cpu", precision: str = "fp32", batch_size: Optional[int] = None, decoder=None,
                     chunk: int = 1000, progress: Optional[Callable[[int, int], None]] = None) -> Path:
     """Sample into a resumable .npz (sample_store) with the recipe's protocol; returns its path."""
-    import torch
-
-    from .sample_store import sample_to_npz
-
-    generate = _generate()
     labels = class_labels(recipe, num_samples, seed)
     decoder = _decoder(recipe, device, decoder)
     model.eval()
@@ -149,3 +123,18 @@ def sample_for_eval(model, recipe, out: str | Path, num_samples: int, *, meta: d
         return images, None if labels is None else labels[start:stop]
 
     return sample_to_npz(out, num_samples, make, meta=meta, chunk=chunk, progress=progress)
+
+
+def monitor_record(ema, recipe, device) -> dict | None:
+    """The periodic training monitor: the metric under ``monitor/`` keys, with its protocol card beside it so nobody
+    mistakes it for the paper's FID. None (and a warning) when it cannot run, e.g. without Inception weights."""
+    try:
+        result = evaluate_model(ema, recipe, num_samples=recipe.eval.monitor_samples, device=device)
+    except UvitError as e:
+        log.warning("monitor evaluation disabled for this run: %s", e)
+        return None
+    protocol = result.pop("protocol", None)
+    out = {f"monitor/{k}": v for k, v in result.items()}
+    if protocol is not None:
+        out["monitor_protocol"] = protocol
+    return out

@@ -19,7 +19,9 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..errors import UvitError
+from ..files import atomic_path, sha256_file
 from .digits import cache_dir
+from .features import Features
 from .frechet import GaussianStats
 from .sources import ImageSource, npz_keys, open_source
 
@@ -89,12 +91,6 @@ def find_reference(ref: str | Path) -> Path:
     raise UvitError(f"reference {ref} not found (looked in {looked}); {origin}, or pass --ref PATH")
 
 
-def _sha256_file(path: Path) -> str:
-    from .inception import file_sha256
-
-    return file_sha256(path)
-
-
 def _meta(z) -> dict:
     if "uvit_meta" not in z.files:
         return {}
@@ -112,7 +108,7 @@ def read_stats_file(path: Path) -> Reference:
     keys = npz_keys(path)
     with np.load(path, allow_pickle=False) as z:
         meta = _meta(z)
-        ref = Reference(kind="fid_stats", path=str(path), sha256=_sha256_file(path),
+        ref = Reference(kind="fid_stats", path=str(path), sha256=sha256_file(path),
                         pool=_stats(z, "mu", "sigma"), spatial=_stats(z, "mu_s", "sigma_s"))
         if meta.get("format") == STATS_FORMAT:
             ref.kind, ref.mode, ref.count = "uvit_stats", meta.get("mode"), meta.get("count")
@@ -167,8 +163,6 @@ def load_reference(ref: str | Path, *, need: set, extract: Callable[[ImageSource
 
 
 def _cached_features(source: ImageSource, need: set, extract, mode: str, weights_sha256):
-    from .features import Features
-
     if callable(weights_sha256):
         weights_sha256 = weights_sha256()
     key = f"{source.sha256()[:20]}_{mode}_{weights_sha256[:12] or 'noweights'}"
@@ -192,8 +186,6 @@ def _cached_features(source: ImageSource, need: set, extract, mode: str, weights
 
 def write_stats(path: str | Path, feats, meta: dict) -> None:
     """Write mu/sigma (+ mu_s/sigma_s, + feats) and a ``uvit_meta`` JSON record, atomically."""
-    from ..checkpoint import atomic_path
-
     arrays = {"n": np.asarray(feats.n)}
     if feats.pool is not None:
         arrays.update(mu=feats.pool.mu, sigma=feats.pool.sigma)

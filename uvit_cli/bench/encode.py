@@ -1,4 +1,4 @@
-"""Benchmark: is the encode pipeline (JPEG decode, crop, VAE encode, shard write) as fast as the VAE encoder alone?
+"""The encode suite: is the encode pipeline (JPEG decode, crop, VAE encode, shard write) as fast as the VAE encoder alone?
 
 The target is >= 90% of the encoder's own forward throughput on the same device and batch: data loading must
 never starve the encoder. Both numbers count source images per second (with flips, each batch runs 2 x batch).
@@ -16,6 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+
+from ..autoencoder import SD_VAE_CONFIG, Autoencoder
+from ..data.crops import adm_center_crop
+from ..data.encoding import encode_latents
+from ..data.sources import CroppedImages, collate, open_imagenet
+from ..runtime import autocast
+from .timer import measure, median
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +35,6 @@ TINY_BENCH_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_p
 
 def synthetic_jpeg_tree(root: Path, n: int, size=(500, 375), classes: int = 4, seed: int = 0) -> Path:
     """``root/train/<wnid>/*.JPEG``: smooth random images of ImageNet's typical size (natural-image file sizes)."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     for i in range(n):
         d = root / "train" / f"n{i % classes:08d}"
@@ -40,32 +46,18 @@ def synthetic_jpeg_tree(root: Path, n: int, size=(500, 375), classes: int = 4, s
 
 
 def _encoder_throughput(vae, batch: torch.Tensor, flips: bool, repeats: int, precision: str) -> float:
-    """Source images per second of the VAE encoder alone on a ready batch."""
-    from contextlib import nullcontext
-
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    ctx = torch.autocast(vae.device.type, dtype=amp) if amp else nullcontext()
+    """Source images per second of the VAE encoder alone on a ready batch (median of ``repeats`` after a warm-up)."""
     x = torch.cat([batch, batch.flip(-1)]) if flips else batch
 
     def step():
-        with torch.no_grad(), ctx:
+        with torch.no_grad(), autocast(vae.device, precision):
             vae.encode_moments(x).float().to(torch.float16).cpu()
 
-    step()                                        # warm-up
-    if vae.device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    if vae.device.type == "cuda":
-        torch.cuda.synchronize()
-    return repeats * batch.shape[0] / (time.perf_counter() - t)
+    return batch.shape[0] / median(measure(step, vae.device, warmup=1, repeats=repeats))
 
 
 def _loader_throughput(source, resolution: int, batch_size: int, num_workers: int) -> float:
     """Source images per second of decoding + cropping alone (the pipeline's DataLoader, no encoder)."""
-    from .images import CroppedImages, collate
-
     batches = [list(range(b, min(b + batch_size, len(source)))) for b in range(0, len(source), batch_size)]
     loader = torch.utils.data.DataLoader(CroppedImages(source, "adm_center", resolution), batch_sampler=batches,
                                          num_workers=num_workers, collate_fn=collate)
@@ -82,14 +74,9 @@ def bench_encode(vae="tiny", *, resolution: int = 256, batch_size: int = 16, num
     ``vae``: "tiny", "sd" (the SD VAE architecture, random weights) or an Autoencoder. Each of ``rounds`` rounds
     times the encoder alone, then the pipeline; a last encoder timing closes the sequence, and medians are
     reported (alternating keeps a drift in machine load out of the ratio). The pipeline rate is taken after its
-    first batch (worker start-up excluded); its wall time including start-up is reported too.
+    first batch (worker start-up excluded) from the progress ticks of one real encode; its wall time including
+    start-up is reported too.
     """
-    import statistics
-
-    from ..autoencoder import SD_VAE_CONFIG, Autoencoder
-    from .encoding import encode_latents
-    from .images import adm_center_crop, open_imagenet
-
     name = vae if isinstance(vae, str) else vae.name
     if isinstance(vae, str):
         torch.manual_seed(0)
@@ -124,13 +111,13 @@ def bench_encode(vae="tiny", *, resolution: int = 256, batch_size: int = 16, num
             pipes.append((d2 - d1) / (t2 - t1))
         encs.append(_encoder_throughput(vae, batch, flips, num_batches, precision))
         loader = _loader_throughput(source, resolution, batch_size, num_workers)
-    enc, pipe = statistics.median(encs), statistics.median(pipes)
+    enc, pipe = median(encs), median(pipes)
     result = {"vae": name, "device": str(torch.device(device)), "resolution": resolution, "batch_size": batch_size,
               "flips": flips, "num_workers": num_workers, "precision": precision, "torch_threads":
               torch.get_num_threads(), "images": n, "rounds": rounds, "encoder_images_per_s": round(enc, 3),
               "pipeline_images_per_s": round(pipe, 3), "ratio": round(pipe / enc, 3),
               "loader_images_per_s": round(loader, 3),
               "encoder_runs": [round(x, 3) for x in encs], "pipeline_runs": [round(x, 3) for x in pipes],
-              "pipeline_wall_s": round(statistics.median(walls), 2)}
+              "pipeline_wall_s": round(median(walls), 2)}
     log.info("encode benchmark: %s", result)
     return result

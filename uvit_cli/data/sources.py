@@ -1,4 +1,4 @@
-"""Image sources (ImageNet, MS-COCO 2014, any folder; local trees or Hugging Face `datasets`) and the official crops.
+"""Image sources: ImageNet, MS-COCO 2014 and any folder, as local trees or Hugging Face `datasets`.
 
 A source is an indexable list of items: ``record(i)`` gives the label / captions / name without touching pixels,
 ``load(i)`` opens the image. Bad images are converted to RGB when possible (CMYK, grayscale, palette, alpha) and
@@ -7,18 +7,24 @@ otherwise reported as :class:`BadImage` so the encoder can skip, count and list 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import UvitError
+from ..files import IMAGE_SUFFIXES
+from .crops import crop_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+LABEL_KEYS = ("label", "labels", "fine_label", "cls")
+HF_DISK_MARKERS = ("state.json", "dataset_dict.json", "dataset_info.json")  # a `save_to_disk` directory
 CAPTION_FILES = ("captions.jsonl", "metadata.jsonl")
 CAPTION_KEYS = ("captions", "caption", "text", "sentences")
 
@@ -40,8 +46,6 @@ class Record:
 
 def to_rgb(img) -> tuple[object, str]:
     """(RGB PIL image, the original mode when it was converted else ""). Alpha is composited on white."""
-    from PIL import Image
-
     mode = img.mode
     if mode == "RGB":
         return img, ""
@@ -58,8 +62,6 @@ def to_rgb(img) -> tuple[object, str]:
 
 def open_image(fp) -> tuple[object, str]:
     """Decode an image file (path or file object) fully; BadImage when it is truncated or corrupt."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(fp) as img:
             img.load()             # decode now: truncated files fail here, not later in a worker
@@ -71,34 +73,6 @@ def open_image(fp) -> tuple[object, str]:
     except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, struct.error...: all mean corrupt
         msg = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
         raise BadImage("truncated" if "truncated" in msg.lower() else f"corrupt ({msg})") from None
-
-
-def adm_center_crop(img, size: int) -> np.ndarray:
-    """ADM / guided-diffusion center crop (the official ImageNet one): halve with BOX while the short side is at
-    least twice the target, BICUBIC-resize the short side to ``size``, then center crop. uint8 (size, size, 3)."""
-    from PIL import Image
-
-    while min(img.size) >= 2 * size:
-        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
-    scale = size / min(img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
-    arr = np.asarray(img)
-    y, x = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return np.ascontiguousarray(arr[y:y + size, x:x + size])
-
-
-def center_crop_lanczos(img, size: int) -> np.ndarray:
-    """The official MS-COCO crop: center-crop the array to its short side, then LANCZOS-resize to ``size``."""
-    from PIL import Image
-
-    arr = np.asarray(img)
-    c = min(arr.shape[:2])
-    arr = arr[(arr.shape[0] - c) // 2:(arr.shape[0] + c) // 2, (arr.shape[1] - c) // 2:(arr.shape[1] + c) // 2]
-    return np.asarray(Image.fromarray(arr).resize((size, size), resample=Image.LANCZOS))
-
-
-CROPS = {"adm_center": adm_center_crop, "center_lanczos": center_crop_lanczos}
-DEFAULT_CROP = {"imagenet": "adm_center", "coco": "center_lanczos", "folder": "adm_center"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -168,8 +142,6 @@ class HFSource:
         except Exception as e:  # noqa: BLE001 - the datasets image decoder raises many kinds
             raise BadImage(f"corrupt ({type(e).__name__})") from None
         if isinstance(img, dict) and img.get("bytes") is not None:
-            import io
-
             return open_image(io.BytesIO(img["bytes"]))
         try:
             img.load()
@@ -198,13 +170,19 @@ def _image_files(root: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
+def is_hf_disk_dir(path: str | Path) -> bool:
+    """A directory written by `datasets`' ``save_to_disk``."""
+    p = Path(path).expanduser()
+    return p.is_dir() and any((p / m).exists() for m in HF_DISK_MARKERS)
+
+
 def _open_hf(kind: str, name: str, split: str, allow_download: bool):
     """A `datasets` split: a hub name (cache only unless allowed), a local data directory, or a save_to_disk dir."""
-    import datasets
+    import datasets  # deferred: `datasets` costs about a second to import and only HF sources need it
 
     p = Path(name).expanduser()
     try:
-        if p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists()):
+        if is_hf_disk_dir(p):
             ds = datasets.load_from_disk(str(p))
         else:
             cfg = datasets.DownloadConfig(local_files_only=not allow_download)
@@ -226,7 +204,7 @@ def open_imagenet(source: str, split: str = "train", allow_download: bool = Fals
     """ImageNet from ``hf:NAME`` or a local ``<root>/<split>/<wnid>/*.JPEG`` tree; labels = sorted wnids."""
     if source.startswith("hf:"):
         ds = _open_hf("imagenet", source[3:], split, allow_download)
-        label = next((c for c in ("label", "labels", "cls") if c in ds.column_names), None)
+        label = next((c for c in LABEL_KEYS if c in ds.column_names), None)
         if label is None:
             raise UvitError(f"{source} has no label column (columns: {', '.join(ds.column_names)})")
         return HFSource("imagenet", source[3:], ds, label, None)
@@ -305,12 +283,16 @@ def open_folder(source: str, condition: str = "auto", captions: str | None = Non
                 allow_download: bool = False):
     """Any image tree: class labels from first-level sub-folder names, captions from ``captions.jsonl`` /
     ``metadata.jsonl`` (or ``captions``) or sidecar ``.txt`` files (one caption per line); else unconditional."""
-    if source.startswith("hf:"):
-        ds = _open_hf("folder", source[3:], split, allow_download)
+    if source.startswith("hf:") or is_hf_disk_dir(source):
+        name = source.removeprefix("hf:")
+        ds = _open_hf("folder", name, split, allow_download)
         cap = next((c for c in CAPTION_KEYS if c in ds.column_names), None) if condition in ("auto", "text") else None
-        lab = next((c for c in ("label", "labels") if c in ds.column_names), None) \
+        lab = next((c for c in LABEL_KEYS if c in ds.column_names), None) \
             if condition in ("auto", "class") and not cap else None
-        return HFSource("folder", source[3:], ds, lab, cap)
+        if condition == "class" and lab is None:
+            raise UvitError(f"{source} has no label column ({'/'.join(LABEL_KEYS)}); columns: "
+                            f"{', '.join(ds.column_names)}")
+        return HFSource("folder", name, ds, lab, cap)
     root = Path(source).expanduser()
     if not root.is_dir():
         raise UvitError(f"image folder {root} does not exist; pass --source DIR")
@@ -360,19 +342,15 @@ class CroppedImages:
     """A map-style dataset for DataLoader workers: index -> dict(index, image uint8 (3,H,W) or None, note)."""
 
     def __init__(self, source, crop: str, size: int):
-        if crop not in CROPS:
-            raise UvitError(f"unknown crop {crop!r}; use one of {', '.join(CROPS)}")
         self.source, self.crop, self.size = source, crop, size
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, i: int) -> dict:
-        import torch
-
         try:
             img, converted = self.source.load(i)
-            arr = CROPS[self.crop](img, self.size)
+            arr = crop_image(img, self.crop, self.size)
         except BadImage as e:
             return {"index": i, "image": None, "note": f"skipped:{e}"}
         # CHW copy in numpy: a torch permute+copy of a small image costs ~20 ms in a busy multi-threaded process
@@ -382,8 +360,6 @@ class CroppedImages:
 
 def collate(items: list[dict]) -> dict:
     """Stack the good images; keep every index and note (bad ones have image None)."""
-    import torch
-
     good = [it["image"] for it in items if it["image"] is not None]
     return {"index": [it["index"] for it in items], "note": [it["note"] for it in items],
             "ok": [it["image"] is not None for it in items],

@@ -11,12 +11,11 @@ fixed forward shape, a sample's result depends only on its own inputs, never on 
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import torch
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .runtime import autocast
 
 
 def cfg_combine(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: float) -> torch.Tensor:
@@ -24,22 +23,14 @@ def cfg_combine(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: float) -> t
     return eps_uncond + w * (eps_cond - eps_uncond)
 
 
-def autocast_context(device: torch.device | str, precision: str):
-    """torch.autocast for bf16 / fp16 on the device, or a no-op for fp32."""
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-def _pad(v: torch.Tensor | None, m: int) -> torch.Tensor | None:
+def pad_rows(v: torch.Tensor | None, m: int) -> torch.Tensor | None:
     """Pad a micro-batch to m rows by repeating its last row."""
     if v is None or v.shape[0] == m:
         return v
     return torch.cat([v, v[-1:].expand(m - v.shape[0], *v.shape[1:])])
 
 
-def _expand_null(null_cond, cond: torch.Tensor) -> torch.Tensor:
+def expand_null(null_cond, cond: torch.Tensor) -> torch.Tensor:
     """The null condition repeated to cond's batch: a class id (int) or a context (77, D) / (1, 77, D)."""
     if isinstance(null_cond, int):
         return torch.full_like(cond, null_cond)
@@ -49,23 +40,21 @@ def _expand_null(null_cond, cond: torch.Tensor) -> torch.Tensor:
     return null.expand(cond.shape[0], *cond.shape[1:])
 
 
-class ModelNoiseFn:
+class NoisePredictor:
     """eps(x, t) for a sampler: converts t to the network's time, adds the condition and guidance, counts NFE.
 
-    ``batched_guidance=False`` runs the cond and uncond halves as two separate forwards (the straightforward way;
-    kept for the benchmark). ``on_eval(nfe)`` is called after every evaluation (for progress bars).
+    ``on_eval(nfe)`` is called after every evaluation (for progress bars). The recipe decides whether guidance is
+    possible (recipe.validate); here a guided call only needs the null condition it was given.
     """
 
     def __init__(self, model: torch.nn.Module, schedule, cond: torch.Tensor | None = None, *, cfg_scale: float = 1.0,
-                 null_cond=None, forward_batch: int = 4, precision: str = "fp32", batched_guidance: bool = True,
+                 null_cond=None, forward_batch: int = 4, precision: str = "fp32",
                  on_eval: Callable[[int], None] | None = None):
-        if cfg_scale != 1.0 and (cond is None or null_cond is None):
-            raise ValueError("guidance (cfg_scale != 1) needs a condition and a null condition")
         if forward_batch < 1:
             raise ValueError(f"forward_batch must be >= 1, got {forward_batch}")
         self.model, self.schedule, self.cond = model, schedule, cond
         self.cfg_scale, self.null_cond = float(cfg_scale), null_cond
-        self.forward_batch, self.precision, self.batched_guidance = forward_batch, precision, batched_guidance
+        self.forward_batch, self.precision = forward_batch, precision
         self.on_eval = on_eval
         self.nfe = 0        # noise-predictor evaluations of the whole batch
         self.forwards = 0   # model forward calls (micro-batches)
@@ -76,9 +65,9 @@ class ModelNoiseFn:
         outs = []
         for i in range(0, n, m):
             k = min(m, n - i)
-            xb, tb = _pad(x[i:i + k], m), _pad(t_net[i:i + k], m)
-            yb = None if y is None else _pad(y[i:i + k], m)
-            with autocast_context(x.device, self.precision):
+            xb, tb = pad_rows(x[i:i + k], m), pad_rows(t_net[i:i + k], m)
+            yb = None if y is None else pad_rows(y[i:i + k], m)
+            with autocast(x.device, self.precision):
                 out = self.model(xb, tb) if yb is None else self.model(xb, tb, yb)
             self.forwards += 1
             outs.append(out[:k].float())
@@ -91,11 +80,8 @@ class ModelNoiseFn:
         with torch.no_grad():
             if self.cfg_scale == 1.0:
                 eps = self._forward(x, t_net, cond)
-            elif self.batched_guidance:
-                eps = self._guided_batched(x, t_net, cond)
             else:
-                null = _expand_null(self.null_cond, cond)
-                eps = cfg_combine(self._forward(x, t_net, cond), self._forward(x, t_net, null), self.cfg_scale)
+                eps = self._guided_batched(x, t_net, cond)
         self.nfe += 1
         if self.on_eval is not None:
             self.on_eval(self.nfe)
@@ -103,13 +89,13 @@ class ModelNoiseFn:
 
     def _guided_batched(self, x: torch.Tensor, t_net: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Each micro-batch of samples goes through the model once as [cond half; uncond half]."""
-        null = _expand_null(self.null_cond, cond)
+        null = expand_null(self.null_cond, cond)
         m = self.forward_batch
         half = []
         for i in range(0, x.shape[0], m):
             k = min(m, x.shape[0] - i)
-            xb, tb, cb, nb = (_pad(v[i:i + k], m) for v in (x, t_net, cond, null))
-            with autocast_context(x.device, self.precision):
+            xb, tb, cb, nb = (pad_rows(v[i:i + k], m) for v in (x, t_net, cond, null))
+            with autocast(x.device, self.precision):
                 out = self.model(torch.cat([xb, xb]), torch.cat([tb, tb]), torch.cat([cb, nb])).float()
             self.forwards += 1
             e_c, e_u = out[:m], out[m:]

@@ -8,8 +8,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
-from .checkpoint import atomic_path
+from .files import atomic_path
 
 
 def _as_numpy(images) -> np.ndarray:
@@ -21,8 +22,6 @@ def _as_numpy(images) -> np.ndarray:
 
 
 def _pil(img: np.ndarray):
-    from PIL import Image
-
     return Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
 
 
@@ -38,8 +37,6 @@ def save_grid(images, path: str | Path, labels: Sequence[str] | None = None, nco
     Small images (8x8 digits, 32px) are enlarged with nearest-neighbour to at least ``min_tile`` pixels so the
     captions fit.
     """
-    from PIL import Image, ImageDraw, ImageFont
-
     arr = _as_numpy(images)
     n, h, w, _ = arr.shape
     scale = max(1, math.ceil(min_tile / max(h, w)))

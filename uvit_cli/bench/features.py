@@ -1,4 +1,4 @@
-"""Feature-extraction throughput against pytorch-fid and clean-fid (legacy_pytorch) on the same images and weights.
+"""The features suite: Inception feature-extraction throughput against pytorch-fid and clean-fid (legacy_pytorch) on the same images and weights.
 
 A benchmark, not a test: ``uvit bench`` calls :func:`bench_features`. Each pipeline reads the same PNG folder end
 to end (decode, resize, Inception), after one warm-up batch; model loading is not timed.
@@ -10,17 +10,19 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
-from .features import FeatureExtractor
-from .inception import WEIGHTS_FILE, find_inception_weights, load_fid_inception, random_state_dict
-from .sources import FolderSource
+from ..errors import UvitError
+from ..metrics.features import FeatureExtractor
+from ..metrics.inception import WEIGHTS_FILE, find_inception_weights, load_fid_inception, random_state_dict
+from ..metrics.sources import FolderSource
+from .timer import measure, median
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +55,6 @@ def _torch_home(weights: Path):
                 os.environ["TORCH_HOME"] = old
 
 
-def _timed(fn, n: int) -> tuple[float, object]:
-    t0 = time.perf_counter()
-    out = fn()
-    return n / (time.perf_counter() - t0), out
-
-
 def bench_features(num_images: int = 64, resolution: int = 64, batch_size: int = 32, device: str = "cpu",
                    weights: Optional[str | Path] = None, compare: bool = True, num_workers: int = 0,
                    repeats: int = 1) -> dict:
@@ -67,7 +63,7 @@ def bench_features(num_images: int = 64, resolution: int = 64, batch_size: int =
     Uses the real FID Inception weights when found (``weights`` / $UVIT_INCEPTION_WEIGHTS / hub cache), else a
     random-weight network of the same shape (timing is the same). ``num_workers`` goes to the baselines'
     DataLoaders (ours decodes in one background thread). With ``repeats`` > 1 the pipelines run in rotation and
-    each reports its best round, which filters out load from other processes.
+    each reports the median of its rounds.
     """
     dev = torch.device(device)
     result = {"images": num_images, "resolution": resolution, "batch_size": batch_size, "device": str(dev),
@@ -77,12 +73,10 @@ def bench_features(num_images: int = 64, resolution: int = 64, batch_size: int =
         try:
             wpath = find_inception_weights(weights)
             result["weights"] = str(wpath)
-        except Exception:  # noqa: BLE001 - timing does not need the real weights
+        except UvitError:  # timing does not need the real weights
             wpath = tmp / WEIGHTS_FILE
             torch.save(random_state_dict(0), wpath)
             result["weights"] = "random (real weights not found; timing is unaffected)"
-        from PIL import Image
-
         folder = tmp / "images"
         folder.mkdir()
         for i, img in enumerate(_images(num_images, resolution)):
@@ -91,11 +85,13 @@ def bench_features(num_images: int = 64, resolution: int = 64, batch_size: int =
             runners = _runners(wpath, folder, batch_size, dev, num_workers, compare and hub_ok)
             if compare and not hub_ok:
                 result["baseline_note"] = "torch.hub.set_dir() is in effect; baselines skipped"
-            feats = {}
+            feats, rates = {}, {}
             for _ in range(repeats):
                 for name, run in runners.items():
-                    rate, feats[name] = _timed(run, num_images)
-                    result[f"{name}_img_s"] = max(rate, result.get(f"{name}_img_s", 0.0))
+                    sec = measure(lambda: feats.__setitem__(name, run()), dev, warmup=0, repeats=1)[0]
+                    rates.setdefault(name, []).append(num_images / sec)
+            for name, r in rates.items():
+                result[f"{name}_img_s"] = median(r)
     if "pytorch_fid" in feats:
         scale = float(np.abs(feats["pytorch_fid"]).max())
         for name in ("uvit", "uvit_exact"):

@@ -1,0 +1,114 @@
+"""Options and argument parsing shared by the commands: one definition of --device, --precision, --set, -v, and
+the enums of every choice, derived from the recipe's types (uvit_cli/recipe.py)."""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import UvitError
+from ..recipe import Precision, Sampler, Weights, choices
+
+PERF, IO = "Performance", "I/O"
+
+
+def choice_enum(name: str, kind) -> type[enum.Enum]:
+    """A str Enum of a recipe Literal's values (typer shows them as the option's choices)."""
+    return enum.Enum(name, {v: v for v in choices(kind)}, type=str)
+
+
+PrecisionChoice = choice_enum("PrecisionChoice", Precision)
+SamplerChoice = choice_enum("SamplerChoice", Sampler)
+WeightsChoice = choice_enum("WeightsChoice", Weights)
+
+SetOption = typer.Option(None, "--set", metavar="SECTION.KEY=VALUE",
+                         help="override a recipe field, e.g. --set train.lr=1e-4 (repeatable)")
+DeviceOption = typer.Option("auto", "--device", help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N "
+                            "or mps; under torchrun CUDA devices come from LOCAL_RANK", rich_help_panel=PERF)
+VerboseOption = typer.Option(False, "--verbose", "-v", help="debug logging")
+NprocOption = typer.Option(1, "--nproc-per-node", min=1, help="launch this many processes with torchrun (NCCL on "
+                           "GPUs, gloo on CPU)", rich_help_panel=PERF)
+WeightsOption = typer.Option(WeightsChoice.ema, "--weights", help="which weights of a run directory: ema (the "
+                             "paper protocol) or raw")
+
+
+def precision_option(help: str, panel: str = PERF):
+    return typer.Option(PrecisionChoice.fp32, "--precision", help=help, rich_help_panel=panel)
+
+
+def value(x):
+    """An enum option's string value (or the value itself)."""
+    return x.value if isinstance(x, enum.Enum) else x
+
+
+def sampling_overrides(sampler: Optional[str] = None, steps: Optional[int] = None,
+                       cfg_scale: Optional[float] = None) -> list[str]:
+    """--sampler / --steps / --cfg-scale as recipe overrides: the recipe is the one place they are checked."""
+    out = []
+    if sampler is not None:
+        out.append(f"sample.sampler={value(sampler)}")
+    if steps is not None:
+        out.append(f"sample.steps={steps}")
+    if cfg_scale is not None:
+        out.append(f"sample.cfg_scale={cfg_scale}")
+    return out
+
+
+def parse_seeds(text: Optional[str]) -> list[int]:
+    """"0-63" or "1,5,7-9" -> a list of ints."""
+    if not text:
+        return []
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise UvitError(f"--seeds {text!r}: expected ranges like 0-63 or lists like 1,5,7-9") from None
+    return out
+
+
+def parse_list(text: str, option: str, kind=int) -> list:
+    """"8,32,128" -> [8, 32, 128]; a bad item is a UvitError naming the option."""
+    out = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        try:
+            out.append(kind(item))
+        except ValueError:
+            raise UvitError(f"{option} {text!r}: {item!r} is not {'an integer' if kind is int else 'a number'}; "
+                            f"pass a comma list such as {option} 8,32") from None
+    return out
+
+
+def strip_option(args: list[str], name: str, takes_value: bool = True) -> list[str]:
+    """argv without ``name`` (and its value): the launcher re-runs the command under torchrun without it."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == name:
+            skip = takes_value
+            continue
+        if a.startswith(name + "="):
+            continue
+        out.append(a)
+    return out
+
+
+def existing_path(path: Optional[Path], option: str) -> Optional[Path]:
+    if path is not None and not path.exists():
+        raise UvitError(f"{option} {path} does not exist")
+    return path

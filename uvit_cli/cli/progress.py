@@ -1,0 +1,42 @@
+"""Progress bars at the CLI edge: one style for every long job (done/total, rate, elapsed, ETA)."""
+
+from __future__ import annotations
+
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.text import Text
+
+from .app import err_console
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, e.g. "12.3 img/s"."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("-" if speed is None else f"{speed:.1f} {self.unit}/s", style="progress.data.speed")
+
+
+def progress_bar(unit: str = "img", *, stats: bool = False, disable: bool = False, console=None) -> Progress:
+    """A bar showing done/total, rate in ``unit``/s, elapsed time and ETA (and a ``stats`` text field if asked)."""
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit)]
+    if stats:
+        columns.append(TextColumn("{task.fields[stats]}"))
+    columns += [TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    return Progress(*columns, console=console or err_console, disable=disable, transient=False)
+
+
+class Stages:
+    """A ``progress(stage, done, total)`` callback that opens one task per stage on a bar."""
+
+    def __init__(self, bar: Progress):
+        self.bar, self.tasks = bar, {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(stage, total=total)
+        self.bar.update(self.tasks[stage], completed=done, total=total)
