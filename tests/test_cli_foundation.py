@@ -80,10 +80,10 @@ def test_convert_official_pth_round_trip(tmp_path):
     assert res.exit_code != 0
 
 
-def test_convert_refuses_pickled_objects(tmp_path):
+def test_convert_refuses_pickled_objects(tmp_path, uvit):
     import argparse
 
     pth = tmp_path / "evil.pth"
     torch.save({"args": argparse.Namespace(lr=1)}, pth)  # an arbitrary object, as DiT checkpoints pickle
-    res = _uvit("convert", str(pth), "--recipe", "digits_uvit_tiny", "--out", str(tmp_path / "o.safetensors"))
-    assert res.returncode == 2 and "weights_only=True" in res.stderr
+    res = uvit("convert", pth, "--recipe", "digits_uvit_tiny", "--out", tmp_path / "o.safetensors")
+    assert res.returncode == 2 and "weights_only=True" in res.stderr and not (tmp_path / "o.safetensors").exists()

@@ -1,12 +1,10 @@
 """Training: the loss falls, exact resume after a real kill -9, DDP equals one process, accumulation, bad input."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -168,23 +166,23 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_cli_dry_run_and_resume_rules(tmp_path):
+def test_cli_dry_run_and_resume_rules(tmp_path, uvit):
     run = tmp_path / "run"
-    res = _uvit("train", "digits_uvit_tiny", "--dry-run", "--run-dir", str(run))
+    res = uvit("train", "digits_uvit_tiny", "--dry-run", "--run-dir", str(run))
     assert res.returncode == 0, res.stderr
     assert "1,489,038 parameters" in res.stdout and "1,797 examples" in res.stdout and "10 classes" in res.stdout
     assert not run.exists()
-    res = _uvit("train", "digits_uvit_tiny", *sum((["--set", s] for s in TINY), []), "--set", "train.steps=2",
+    res = uvit("train", "digits_uvit_tiny", *sum((["--set", s] for s in TINY), []), "--set", "train.steps=2",
                 "--set", "train.save_every=1", "--run-dir", str(run))
     assert res.returncode == 0, res.stderr
-    res = _uvit("train", "digits_uvit_tiny", "--no-resume", "--run-dir", str(run))
+    res = uvit("train", "digits_uvit_tiny", "--no-resume", "--run-dir", str(run))
     assert res.returncode == 2 and "already holds checkpoints" in res.stderr
-    res = _uvit("train", "digits_uvit_tiny", *sum((["--set", s] for s in TINY), []), "--set", "train.lr=0.5",
+    res = uvit("train", "digits_uvit_tiny", *sum((["--set", s] for s in TINY), []), "--set", "train.lr=0.5",
                 "--run-dir", str(run))
     assert res.returncode == 2 and "train.lr" in res.stderr and "different recipe" in res.stderr
 
 
-def test_model_that_does_not_fit_the_data_fails_before_training(tmp_path):
+def test_model_that_does_not_fit_the_data_fails_before_training(tmp_path, uvit):
     from PIL import Image
 
     folder = tmp_path / "imgs"
@@ -195,12 +193,12 @@ def test_model_that_does_not_fit_the_data_fails_before_training(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model:\n  img_size: 16\n  patch_size: 4\n  embed_dim: 32\n  num_heads: 2\n  num_layers: 3\n"
                       f"  num_classes: 5\ndata:\n  name: folder\n  source: {folder}\n  crop: none\n")
-    res = _uvit("train", str(recipe), "--run-dir", str(tmp_path / "run"))
+    res = uvit("train", str(recipe), "--run-dir", str(tmp_path / "run"))
     assert res.returncode == 2 and "2 classes but model.num_classes is 5" in res.stderr
-    res = _uvit("train", str(recipe), "--set", "model.num_classes=2", "--set", "model.img_size=32",
+    res = uvit("train", str(recipe), "--set", "model.num_classes=2", "--set", "model.img_size=32",
                 "--run-dir", str(tmp_path / "run"))
     assert res.returncode == 2 and "does not match the model's 32x32" in res.stderr
-    res = _uvit("train", str(recipe), "--set", f"data.source={tmp_path / 'nope'}", "--run-dir", str(tmp_path / "r"))
+    res = uvit("train", str(recipe), "--set", f"data.source={tmp_path / 'nope'}", "--run-dir", str(tmp_path / "r"))
     assert res.returncode == 2 and "does not exist" in res.stderr
 
 

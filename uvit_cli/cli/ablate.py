@@ -47,7 +47,7 @@ def ablate_cmd(
       uvit ablate recipes/ablations/digits_scaling.yaml --only depth --steps 200 --eval-every 50
       uvit ablate cifar10_fig2 --nproc-per-node 8 --set data.source=/data/cifar10 --resume
     """
-    from .. import ablation, distributed  # deferred: loads torch (cli/app.py)
+    from .. import ablation, distributed, runtime  # deferred: loads torch (cli/app.py)
 
     setup_logging(verbose)
     suite = ablation.load_suite(suite_path, steps=steps, eval_every=eval_every)
@@ -71,6 +71,7 @@ def ablate_cmd(
             args += ["--out", str(out)]
         raise typer.Exit(distributed.launch_torchrun(nproc_per_node, args))
 
+    runtime.setup_runtime(runtime.resolve_device(device))
     main = int(os.environ.get("RANK", "0")) == 0
     with progress_bar("step", stats=True, disable=not main) as bar:
         total = bar.add_task("suite", total=len(names) * suite.steps, stats="")

@@ -111,7 +111,7 @@ def encode_cmd(
     # The process group only synchronises the finish (ranks encode disjoint shards), so its timeout is long.
     dev = distributed.init(device, timeout_minutes=48 * 60)
     rank, world = distributed.rank(), distributed.world_size()
-    runtime.setup_runtime(dev, deterministic=True)   # same conv algorithms on a rerun: resumed shards match bit for bit
+    runtime.setup_runtime(dev, deterministic=True)   # fixed conv algorithms: a resumed shard matches bit for bit
     hub_id, default_scale = VAES[kind]
     vae_spec = vae or hub_id
     ae = autoencoder.load_autoencoder(vae_spec, scale_factor if scale_factor is not None else default_scale, dev,

@@ -96,6 +96,7 @@ def fid_cmd(
 
     setup_logging(verbose)
     dev = runtime.resolve_device(device)
+    runtime.setup_runtime(dev)
     recipe, card = None, {}
     if samples is None:
         samples = latest_run("runs")

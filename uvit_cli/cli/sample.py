@@ -148,6 +148,7 @@ def sample_cmd(
     seeds = parse_seeds(seeds_text) if seeds_text else list(range(seed, seed + (n or 16)))
     prompt_list = read_prompts(prompts, prompts_file)
     dev = runtime.resolve_device(device)
+    runtime.setup_runtime(dev)
 
     sets = [*(overrides or []), *sampling_overrides(sampler, steps, cfg_scale)]
     model, recipe, path = build.load_model(target, recipe_path, sets, value(weights))

@@ -40,7 +40,7 @@ def train_cmd(
       uvit train coco_uvit_s_deep --set train.batch_size=128 --run-dir runs/coco
       torchrun --nproc-per-node 8 -m uvit_cli train imagenet256_uvit_h2   (or: uvit train ... --nproc-per-node 8)
     """
-    from .. import checkpoint, distributed, train  # deferred: loads torch (cli/app.py)
+    from .. import checkpoint, distributed, runtime, train  # deferred: loads torch (cli/app.py)
 
     setup_logging(verbose)
     recipe = load_recipe(recipe_path, overrides)
@@ -68,6 +68,7 @@ def train_cmd(
         _dry_run(recipe, run_dir, resume and has_states)
         return
 
+    runtime.setup_runtime(runtime.resolve_device(device))
     main = int(os.environ.get("RANK", "0")) == 0
     with progress_bar("step", stats=True, disable=not main) as bar:
         task = bar.add_task("train", total=recipe.train.steps, stats="")

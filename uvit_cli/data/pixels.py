@@ -18,7 +18,7 @@ def to_tensor(arr: np.ndarray) -> torch.Tensor:
     """uint8 HWC (or HW) -> float CHW in [-1, 1]."""
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div(127.5).sub(1.0)  # a writable copy
 
 
 class DigitsSource:

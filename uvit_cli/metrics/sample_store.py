@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..checkpoint import atomic_path
+from ..files import atomic_path
 from ..errors import UvitError
 
 log = logging.getLogger(__name__)

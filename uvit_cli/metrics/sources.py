@@ -19,10 +19,10 @@ from typing import Iterator, Optional
 import numpy as np
 
 from ..errors import UvitError
+from ..files import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"}  # pytorch-fid's list
 
 
 class ImageSource:
@@ -65,11 +65,11 @@ class FolderSource(ImageSource):
         self.name = str(self.path)
         if not self.path.is_dir():
             raise UvitError(f"{self.path} is not a folder")
-        files = sorted(p for p in self.path.iterdir() if p.is_file() and p.suffix.lower()[1:] in IMAGE_EXTENSIONS)
+        files = sorted(p for p in self.path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            files = sorted(p for p in self.path.rglob("*") if p.is_file() and p.suffix.lower()[1:] in IMAGE_EXTENSIONS)
+            files = sorted(p for p in self.path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise UvitError(f"{self.path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); point at the "
+            raise UvitError(f"{self.path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); point at the "
                             "folder of sample PNGs, or at an .npz with arr_0")
         self.files = files
         self.channels = channels
