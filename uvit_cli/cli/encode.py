@@ -16,7 +16,7 @@ from ..errors import UvitError
 from ..recipe import Crop
 from ..registry import DEFAULT_TEXT_ENCODER, VAES
 from .app import app, console, setup_logging
-from .options import PERF, PrecisionChoice, VerboseOption, choice_enum, precision_option, value
+from .options import PERF, DeviceOption, PrecisionChoice, VerboseOption, choice_enum, precision_option, value
 from .progress import progress_bar
 
 Dataset = enum.Enum("Dataset", {k: k for k in VAES}, type=str)   # the source kinds: imagenet, coco, folder
@@ -74,8 +74,7 @@ def encode_cmd(
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="images per encoder batch", rich_help_panel=PERF),
     num_workers: int = typer.Option(min(8, os.cpu_count() or 1), "--num-workers", min=0,
                                     help="image decoding worker processes", rich_help_panel=PERF),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; "
-                               "under torchrun CUDA devices come from LOCAL_RANK", rich_help_panel=PERF),
+    device: str = DeviceOption,
     precision: PrecisionChoice = precision_option("encoder autocast precision (moments are stored fp16 either way)"),
     verbose: bool = VerboseOption,
 ) -> None:
