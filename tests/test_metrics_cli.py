@@ -11,6 +11,7 @@ import torch
 
 from metrics_fixtures import smooth_images, write_pngs, write_random_inception
 from uvit_cli.data.digits import load_digits_uint8
+from uvit_cli.files import cache_dir
 from uvit_cli.metrics import digits as D
 from uvit_cli.metrics.evaluate import evaluate
 
@@ -127,7 +128,7 @@ def test_cli_inception_metrics_end_to_end(tmp_path, monkeypatch):
     p = r["protocol"]
     assert p["mode"] == "pytorch_fid" and p["ref_kind"] == "images" and p["resolution"] == "16x16"
     assert p["inception_weights_sha256"] and p["ref_sha256"] and "2x-1" in p["pipeline"]
-    assert list((D.cache_dir() / "ref_features").glob(f"{p['ref_sha256'][:20]}_pytorch_fid_*.npz"))  # cached
+    assert list((cache_dir() / "ref_features").glob(f"{p['ref_sha256'][:20]}_pytorch_fid_*.npz"))  # cached
     # Statistics with per-image features from `uvit fid-stats` give the same precision/recall as the images.
     code, _, err = _invoke_main(["fid-stats", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "st.npz"),
                                  "--features", "--batch-size", "4"])

@@ -154,3 +154,27 @@ def test_cli_imagenet_class_names(tmp_path, capsys):
         assert f["arr_1"].tolist() == [207, 88, 207]
     code, out = _run(["sample", str(ck), "--class", "golden retreiver"], capsys)
     assert code == 2 and "did you mean 'golden retriever' (207)" in out
+
+
+def test_cli_text_model_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, capsys):
+    ck = _text_checkpoint(tmp_path)
+    blank, binary = tmp_path / "blank.txt", tmp_path / "bin.txt"
+    blank.write_text("\n   \n\n")
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    other_clip = tmp_path / "wide_clip"
+    other = dict(TINY_CLIP, text_cfg=dict(TINY_CLIP["text_cfg"], width=48, heads=2))
+    other_clip.mkdir()
+    from uvit_cli.files import write_json, write_safetensors
+    from uvit_cli.text import build_text_tower
+
+    write_json(other_clip / "open_clip_config.json", {"model_cfg": other})
+    write_safetensors(other_clip / "open_clip_model.safetensors", build_text_tower(other).state_dict())
+    out = tmp_path / "out.npz"
+    for args, message in [(["--prompts-file", blank], "holds no prompts"),
+                          (["--prompts-file", tmp_path / "missing.txt"], "does not exist"),
+                          (["--prompts-file", binary], "not UTF-8"),
+                          (["--prompt", "a cat", "--text-encoder", other_clip], "48 features but the model expects"),
+                          (["--class", "2"], "--class given, but this model is text-conditional")]:
+        code, text = _run(["sample", str(ck), *map(str, args), "--npz", str(out)], capsys)
+        assert code == 2 and message in text and "Traceback" not in text, (args, text)
+        assert not out.exists() and not list(tmp_path.glob(".out.npz*"))

@@ -15,6 +15,7 @@ import yaml
 
 from .autoencoder import Autoencoder, load_autoencoder
 from .checkpoint import load_into, load_weights, read_metadata
+from .data.captions import open_captioned_digits
 from .data.crops import DEFAULT_CROP
 from .data.latents import check_latents_against_recipe, open_latents
 from .data.pixels import DigitsSource, PixelSource
@@ -24,7 +25,7 @@ from .diffusion import DiscreteSchedule, NoiseSchedule, VPSchedule
 from .errors import UvitError
 from .model import UViT
 from .recipe import ModelConfig, Recipe, apply_overrides, load_recipe, recipe_from_dict
-from .run import RUN_EMA, RUN_RAW, RUN_RECIPE, is_run_dir
+from .run import RUN_EMA, RUN_RAW, RUN_RECIPE, RUN_TEXT_ENCODER, is_run_dir
 from .sampling import get_sampler, planned_nfe
 from .text import TextEncoder, load_text_encoder
 
@@ -70,6 +71,8 @@ def build_source(recipe: Recipe):
     """The training data source of a recipe (interface: data/pixels.py)."""
     d, m = recipe.data, recipe.model
     if d.name == "digits":
+        if m.text_dim > 0:  # the captioned digits, encoded once by the recipe's text encoder
+            return open_captioned_digits(build_text_encoder(recipe, "cpu"), d.split)
         return DigitsSource()
     if d.name == "latents":
         if not d.latents:
@@ -124,12 +127,15 @@ def build_decoder(recipe: Recipe, device, spec: str | None = None,
     return load_autoencoder(spec or recipe.data.vae, recipe.data.scale_factor, device, allow_download=allow_download)
 
 
-def build_text_encoder(recipe: Recipe, device, spec: str | None = None,
-                       allow_download: bool | None = None) -> TextEncoder | None:
-    """The text encoder of a text model's prompts (None otherwise); ``spec`` replaces data.text_encoder. Its width
-    must be the model's text_dim."""
+def build_text_encoder(recipe: Recipe, device, spec: str | None = None, allow_download: bool | None = None,
+                       run_dir: str | Path | None = None) -> TextEncoder | None:
+    """The text encoder of a text model's prompts (None otherwise): ``spec``, else the copy a run directory keeps
+    of a built-in tower, else data.text_encoder. Its width must be the model's text_dim."""
     if recipe.conditioning != "text":
         return None
+    kept = Path(run_dir) / RUN_TEXT_ENCODER if run_dir is not None and is_run_dir(run_dir) else None
+    if not spec and kept is not None and kept.is_dir():
+        spec = str(kept)
     encoder = load_text_encoder(spec or recipe.data.text_encoder, device, allow_download=allow_download)
     m = recipe.model
     if (encoder.context_length, encoder.width) != (m.text_tokens, m.text_dim):

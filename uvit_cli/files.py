@@ -55,6 +55,12 @@ def atomic_path(path: str | Path):
             os.unlink(tmp)
 
 
+def cache_dir() -> Path:
+    """The project's cache (the digits classifier, reference features, built-in text towers): $UVIT_CACHE, else
+    ~/.cache/uvit."""
+    return Path(os.environ.get("UVIT_CACHE") or Path.home() / ".cache" / "uvit").expanduser()
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """``text`` written atomically."""
     with atomic_path(path) as tmp:

@@ -436,6 +436,9 @@ def validate(r: Recipe, source: str | None = None) -> None:
                                   "model.in_chans: 1")
         if m.num_classes not in (0, 10):
             err("model.num_classes", "the digits have 10 classes: set model.num_classes to 10 or 0")
+        if m.text_dim > 0 and not r.data.text_encoder:
+            err("data.text_encoder", "the captioned digits need a text encoder: builtin:digits-clip (made here from "
+                                     "a seed) or a CLIP such as ViT-L-14/openai")
     if r.eval.num_samples <= 0:
         err("eval.num_samples", f"must be positive, got {r.eval.num_samples}")
     bad = [x for x in r.eval.metrics if x != "all" and x not in choices(Metric)]

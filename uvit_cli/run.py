@@ -16,6 +16,7 @@ RUN_EMA = "ema.safetensors"          # the latest EMA weights (refreshed at ever
 RUN_RAW = "model.safetensors"        # the latest raw (non-EMA) weights
 METRICS = "metrics.jsonl"            # one JSON record per logged step
 SAMPLES = "samples"                  # EMA sample grids, samples/step-00001000.png
+RUN_TEXT_ENCODER = "text_encoder"    # a copy of a built-in text tower the run trained with (open_clip folder)
 
 # Fields a resumed run may change: how long it runs, how often it logs, samples, saves and evaluates.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.sample_every", "train.save_every", "train.keep_last",

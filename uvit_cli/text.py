@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import UvitError
-from .files import read_state_dict, sha256_file
+from .files import cache_dir, read_state_dict, sha256_file, write_json, write_safetensors
 from .hub import downloads_allowed, hub_file, missing_message
 from .registry import DEFAULT_TEXT_ENCODER
 
@@ -30,17 +30,27 @@ LOCAL_HINT = ("pass a local path with --text-encoder: an open_clip folder (open_
               "open_clip_model.safetensors, as in the hub repo timm/vit_large_patch14_clip_224.openai) or the "
               "ViT-L-14 weights file itself")
 TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+BUILTIN_PREFIX = "builtin:"
+
+# Text towers this project makes itself, for jobs that must run where no CLIP weights can be fetched (the built-in
+# captioned digits): CLIP's tokenizer and architecture, small, with weights drawn from a fixed seed (random, not
+# trained). name -> (seed, open_clip model config). A run keeps a copy of the tower it trained with.
+BUILTIN_TOWERS = {
+    "digits-clip": (0, {"embed_dim": 64, "quick_gelu": True,
+                        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}),
+}
 
 
 class TextEncoder(torch.nn.Module):
     """Prompts -> (B, context_length, width) float features; wraps an open_clip text tower and its tokenizer."""
 
-    def __init__(self, text_tower, tokenizer, name: str = "", sha256: str = ""):
+    def __init__(self, text_tower, tokenizer, name: str = "", sha256: str = "", weights_file: str = ""):
         super().__init__()
         self.text = text_tower.eval().requires_grad_(False)
         self.tokenizer = tokenizer            # open_clip SimpleTokenizer: .encode(str) -> ids, sot/eot ids
         self.name = name                      # the spec it was loaded from (recorded in latent manifests)
         self.sha256 = sha256
+        self.weights_file = weights_file      # where the weights were read ("" for in-memory towers)
         self.context_length = int(text_tower.context_length)
         self.width = int(text_tower.width)
 
@@ -104,10 +114,31 @@ def _read_weights(path: Path) -> dict:
     return {k: v for k, v in sd.items() if k.startswith(TEXT_KEYS)}
 
 
+def builtin_tower_dir(name: str) -> Path:
+    """The open_clip folder of a built-in tower, made once from its seed under the cache (written atomically)."""
+    if name not in BUILTIN_TOWERS:
+        raise UvitError(f"unknown built-in text encoder {BUILTIN_PREFIX}{name}; built-in: "
+                        f"{', '.join(BUILTIN_PREFIX + n for n in BUILTIN_TOWERS)}")
+    seed, cfg = BUILTIN_TOWERS[name]
+    d = cache_dir() / "text_encoders" / f"{name}-seed{seed}"
+    if not (d / CONFIG_NAME).is_file():
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        tower = build_text_tower(cfg)
+        torch.random.set_rng_state(generator_state)
+        write_safetensors(d / WEIGHT_NAMES[0], tower.state_dict(), {"what": f"uvit built-in text tower {name}",
+                                                                     "seed": str(seed)})
+        write_json(d / CONFIG_NAME, {"model_cfg": cfg, "uvit_builtin": name, "seed": seed})  # written last
+        log.info("made the built-in text tower %s (seed %d) in %s", name, seed, d)
+    return d
+
+
 def _resolve(spec: str, allow: bool) -> tuple[dict, Path]:
     """(open_clip model config, weights file) for a spec: MODEL/TAG, hf-hub:org/repo, a folder or a file."""
     import open_clip
 
+    if spec.startswith(BUILTIN_PREFIX):
+        spec = str(builtin_tower_dir(spec[len(BUILTIN_PREFIX):]))
     p = Path(spec.removeprefix("local-dir:")).expanduser()
     if p.is_dir():
         cfg_path = p / CONFIG_NAME
@@ -146,7 +177,8 @@ def _resolve(spec: str, allow: bool) -> tuple[dict, Path]:
 def load_text_encoder(spec: str = DEFAULT_TEXT_ENCODER, device: str | torch.device = "cpu",
                       allow_download: bool | None = None) -> TextEncoder:
     """Load a CLIP text encoder: ``ViT-L-14/openai`` (hub cache), ``hf-hub:org/repo``, an open_clip folder
-    (open_clip_config.json + weights) or a ViT-L-14 weights file. Nothing downloads unless allowed."""
+    (open_clip_config.json + weights), a ViT-L-14 weights file, or ``builtin:NAME`` (a seeded tower of
+    ``BUILTIN_TOWERS``). Nothing downloads unless allowed."""
     from open_clip.tokenizer import SimpleTokenizer
 
     if not spec:
@@ -164,4 +196,4 @@ def load_text_encoder(spec: str = DEFAULT_TEXT_ENCODER, device: str | torch.devi
     sha = sha256_file(weights)
     log.info("text encoder %s (%s, sha256 %s)", spec, weights.name, sha[:12])
     tokenizer = SimpleTokenizer(context_length=tower.context_length)
-    return TextEncoder(tower.to(device), tokenizer, name=spec, sha256=sha)
+    return TextEncoder(tower.to(device), tokenizer, name=spec, sha256=sha, weights_file=str(weights))

@@ -10,8 +10,10 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import random
 import resource
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,7 +31,8 @@ from .generate import generate
 from .metrics.model_eval import monitor_record
 from .outputs import save_grid
 from .recipe import Recipe, dump_recipe
-from .run import RUN_EMA, RUN_RAW, SAMPLES, MetricsLog, write_recipe
+from .run import RUN_EMA, RUN_RAW, RUN_TEXT_ENCODER, SAMPLES, MetricsLog, write_recipe
+from .text import BUILTIN_PREFIX, builtin_tower_dir
 from .runtime import autocast
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,19 @@ def apply_drop(y, drop, null):
     if y.dtype == torch.long:
         return torch.where(drop, torch.full_like(y, null), y)
     return torch.where(drop[:, None, None], null.to(y.dtype).expand_as(y), y)
+
+
+def keep_builtin_text_encoder(recipe: Recipe, run_dir: Path) -> None:
+    """A built-in text tower is a function of its seed; the run keeps a copy anyway, so that sampling it later
+    (another machine, another torch) uses the identical tower (build.build_text_encoder reads the copy)."""
+    spec = recipe.data.text_encoder
+    if recipe.conditioning != "text" or not spec.startswith(BUILTIN_PREFIX) or (run_dir / RUN_TEXT_ENCODER).is_dir():
+        return
+    src = builtin_tower_dir(spec[len(BUILTIN_PREFIX):])
+    tmp = run_dir / f".{RUN_TEXT_ENCODER}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    os.replace(tmp, run_dir / RUN_TEXT_ENCODER)   # the folder appears whole or not at all
 
 
 def check_data_fits_model(recipe: Recipe, source) -> None:
@@ -168,6 +184,7 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_recipe(run_dir, recipe)
+        keep_builtin_text_encoder(recipe, run_dir)
         metrics = MetricsLog(run_dir, resume_step=start)
     dist.barrier()
 
@@ -271,7 +288,10 @@ def training_grid(ema, recipe: Recipe, path: Path, device, source, cache: dict) 
         cond = torch.tensor(ids)
         labels = [str(c) for c in ids]
     elif m.text_dim > 0:
-        cond = torch.stack([source.get(i, caption=0)[1] for i in range(min(8, len(source)))])
+        picks = range(min(8, len(source)))
+        cond = torch.stack([source.get(i, caption=0)[1] for i in picks])
+        if hasattr(source, "captions"):   # the captioned digits keep their strings
+            labels = [source.captions[i][0] for i in picks]
     n = len(cond) if cond is not None else 16
     if "decoder" not in cache:  # loaded once per run; a missing VAE is remembered, so it warns once per grid
         try:

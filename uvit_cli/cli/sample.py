@@ -60,9 +60,17 @@ def read_prompts(prompts: Optional[List[str]], prompts_file: Optional[Path]) -> 
     """--prompt values, then the non-empty lines of --prompts-file."""
     out = list(prompts or [])
     if prompts_file is not None:
-        if not prompts_file.exists():
-            raise UvitError(f"--prompts-file {prompts_file} does not exist")
-        out += [line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts_file.is_file():
+            raise UvitError(f"--prompts-file {prompts_file} does not exist (or is not a file)")
+        try:
+            lines = prompts_file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise UvitError(f"--prompts-file {prompts_file} is not UTF-8 text; write one prompt per line") from None
+        found = [line.strip() for line in lines if line.strip()]
+        if not found:
+            raise UvitError(f"--prompts-file {prompts_file} holds no prompts (empty or blank lines only); write one "
+                            "prompt per line (--prompt \"\" asks for the unconditional prompt)")
+        out += found
     return out
 
 
@@ -174,7 +182,7 @@ def sample_cmd(
     elif kind == "text":
         if not prompt_list:
             raise UvitError("this model is text-conditional: pass --prompt TEXT or --prompts-file FILE")
-        encoder = build.build_text_encoder(recipe, dev, text_encoder, allow_download)
+        encoder = build.build_text_encoder(recipe, dev, text_encoder, allow_download, run_dir=target)
         per_seed = [prompt_list[i % len(prompt_list)] for i in range(len(seeds))]
         unique = list(dict.fromkeys(per_seed + ([""] if w != 1.0 else [])))
         feats = encoder.encode(unique).float().cpu()

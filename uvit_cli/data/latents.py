@@ -259,8 +259,8 @@ class LatentDataset(torch.utils.data.Dataset):
     def get(self, i: int, flip: bool = False, caption: int | None = None):
         """The training-source interface (data/pixels.py): (moments, label or None) or (moments, caption's context).
         Flips are stored as separate items (the official ImageNet features), never applied here."""
-        if caption is not None:
-            moments, context = self[(i, caption)]
+        if self.is_text:
+            moments, context = self[(i, caption or 0)]
             return moments, context.float()
         moments, label = self[i]
         return moments, (None if int(label) < 0 else int(label))

@@ -10,7 +10,6 @@ signal for training monitors and ablations, NOT comparable to Inception FID.
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -21,7 +20,7 @@ from torch import nn
 
 from ..data.digits import load_digits_uint8
 from ..errors import UvitError
-from ..files import read_safetensors, write_safetensors
+from ..files import cache_dir, read_safetensors, write_safetensors
 from .frechet import GaussianStats, frechet_distance_stats
 
 log = logging.getLogger(__name__)
@@ -31,11 +30,6 @@ FEATURE_DIM = 64
 SEED = 0
 EPOCHS = 60
 BATCH = 128
-
-
-def cache_dir() -> Path:
-    """$UVIT_CACHE, else ~/.cache/uvit."""
-    return Path(os.environ.get("UVIT_CACHE") or Path.home() / ".cache" / "uvit").expanduser()
 
 
 class DigitsClassifier(nn.Module):

@@ -19,8 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..errors import UvitError
-from ..files import atomic_path, sha256_file
-from .digits import cache_dir
+from ..files import atomic_path, cache_dir, sha256_file
 from .features import Features
 from .frechet import GaussianStats
 from .sources import ImageSource, npz_keys, open_source

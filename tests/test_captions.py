@@ -1,0 +1,102 @@
+"""The built-in captioned digits: phrasings, the seeded text tower, the caption cache, and a text run end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from uvit_cli.data.captions import (HELD_OUT_PHRASINGS, TRAIN_PHRASINGS, WORDS, CaptionedDigits, build_caption_cache,
+                                    digit_captions, stroke_weights)
+from uvit_cli.data.digits import load_digits_uint8
+from uvit_cli.errors import UvitError
+from uvit_cli.files import sha256_file
+from uvit_cli.recipe import load_recipe
+from uvit_cli.text import builtin_tower_dir, load_text_encoder
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_text_encoder("builtin:digits-clip")
+
+
+def test_every_caption_names_its_digit_and_the_splits_do_not_share_a_phrasing():
+    for split in ("train", "val"):
+        images, labels, captions = digit_captions(split)
+        assert len(captions) == len(images) == 1797
+        for c, caps in zip(labels, captions):
+            words = [set(s.replace(",", " ").split()) for s in caps]
+            assert caps and all(WORDS[c] in w or str(c) in w for w in words)
+    train = {s for caps in digit_captions("train")[2] for s in caps}
+    val = {s for caps in digit_captions("val")[2] for s in caps}
+    assert not train & val and "a handwritten seven" in train
+    vocab = {w for s in train for w in s.replace(",", " ").split()}
+    assert all(w in vocab for s in val for w in s.replace(",", " ").split())   # held-out phrasings, seen words
+    with pytest.raises(UvitError, match="splits"):
+        digit_captions("test")
+
+
+def test_stroke_weight_is_the_ink_tertile_within_each_class():
+    images, labels = load_digits_uint8()
+    weights = stroke_weights(images, labels)
+    ink = images.reshape(len(images), -1).sum(1)
+    for c in range(10):
+        idx = labels == c
+        thick = ink[idx][[w == "thick " for w, i in zip(weights, idx) if i]]
+        thin = ink[idx][[w == "thin " for w, i in zip(weights, idx) if i]]
+        assert thick.min() > thin.max() and 0.25 < len(thick) / idx.sum() < 0.4
+
+
+def test_the_builtin_tower_is_made_from_its_seed(tmp_path, monkeypatch, encoder):
+    assert (encoder.context_length, encoder.width) == (16, 64)
+    first = sha256_file(builtin_tower_dir("digits-clip") / "open_clip_model.safetensors")
+    monkeypatch.setenv("UVIT_CACHE", str(tmp_path))            # a fresh cache makes it again, bit for bit
+    assert sha256_file(builtin_tower_dir("digits-clip") / "open_clip_model.safetensors") == first == encoder.sha256
+    tokens = encoder.tokenize(["a handwritten seven"])
+    eot = encoder.tokenizer.eot_token_id
+    assert tokens.shape == (1, 16) and tokens[0, 0] == encoder.tokenizer.sot_token_id
+    assert (tokens[0, 4:] == eot).all() and (tokens[0, 1:4] != eot).all()    # 3 words, then end-of-text padding
+    with pytest.raises(UvitError, match="built-in"):
+        builtin_tower_dir("nope")
+
+
+def test_the_caption_cache_holds_each_caption_s_features(encoder, tmp_path):
+    root = build_caption_cache(encoder, tmp_path / "cache")
+    train, val = CaptionedDigits(root, "train"), CaptionedDigits(root, "val")
+    assert len(train) == len(val) == 1797 and train.num_captions == len(TRAIN_PHRASINGS)
+    assert val.num_captions == len(HELD_OUT_PHRASINGS)
+    x, ctx = train.get(10, caption=2)
+    want = encoder.encode([train.captions[10][2]])[0]
+    assert x.shape == (1, 8, 8) and ctx.shape == (16, 64)
+    torch.testing.assert_close(ctx, want, atol=2e-3, rtol=1e-3)           # stored fp16
+    torch.testing.assert_close(train.null_context.float(), encoder.encode([""])[0], atol=2e-3, rtol=1e-3)
+    assert int(train.labels[10]) == load_digits_uint8()[1][10]
+    with pytest.raises(IndexError):
+        train.context(0, 99)
+
+
+def test_a_text_run_trains_keeps_its_tower_and_samples_prompts(tmp_path, uvit):
+    run = tmp_path / "run"
+    sets = ["model.num_layers=3", "model.embed_dim=32", "model.num_heads=2", "train.steps=4", "train.batch_size=16",
+            "train.save_every=4", "train.sample_every=4", "train.log_every=2", "sample.steps=3"]
+    res = uvit("train", "digits_t2i_uvit_tiny", *sum((["--set", s] for s in sets), []), "--run-dir", run)
+    assert res.returncode == 0, res.output
+    assert (run / "text_encoder" / "open_clip_model.safetensors").is_file()
+    assert list((run / "samples").glob("*.png"))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a handwritten seven\n\nthe digit 3\n")
+    res = uvit("sample", run, "--prompts-file", prompts, "--n", "4", "--npz", tmp_path / "s.npz",
+               "--out", tmp_path / "g.png")
+    assert res.returncode == 0, res.output
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["arr_0"].shape == (4, 8, 8, 1)
+    # the run's copy is what sampling reads: remove the cached tower and sample again, same images
+    import shutil
+
+    shutil.rmtree(builtin_tower_dir("digits-clip"))
+    res = uvit("sample", run, "--prompts-file", prompts, "--n", "4", "--npz", tmp_path / "t.npz",
+               "--out", tmp_path / "g.png")
+    assert res.returncode == 0, res.output
+    with np.load(tmp_path / "s.npz") as a, np.load(tmp_path / "t.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+    assert load_recipe(run / "recipe.yaml").data.text_encoder == "builtin:digits-clip"
