@@ -318,13 +318,22 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """A recipe file's YAML mapping; a directory, a binary file, invalid YAML or a non-mapping is a RecipeError."""
     path = Path(path)
     if not path.exists():
         raise RecipeError(f"recipe file {path} does not exist; `uvit recipes` lists the shipped recipes")
+    if path.is_dir():
+        hint = f"; a run's recipe is {path / 'recipe.yaml'}" if (path / "recipe.yaml").is_file() else ""
+        raise RecipeError(f"recipe {path} is a directory; pass a recipe YAML file{hint}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {path} is not a text file (not UTF-8); pass a recipe YAML file") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path} is not valid YAML: {e}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path} is a YAML {type(raw).__name__}, not a mapping of sections "
+                          f"({', '.join(SECTIONS)}); see recipes/digits_uvit_tiny.yaml for the layout")
     return raw or {}
 
 
@@ -418,6 +427,18 @@ def validate(r: Recipe, source: str | None = None) -> None:
         err("train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     if t.warmup_steps < 0:
         err("train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    for key in ("log_every", "save_every", "keep_last"):
+        if getattr(t, key) < 1:
+            err(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+    for key in ("sample_every", "eval_every"):
+        if getattr(t, key) < 0:
+            err(f"train.{key}", f"must be >= 0 (0: off), got {getattr(t, key)}")
+    if s.batch_size < 1:
+        err("sample.batch_size", f"must be >= 1, got {s.batch_size}")
+    if r.eval.batch_size < 1 or r.eval.monitor_samples < 1:
+        err("eval.batch_size" if r.eval.batch_size < 1 else "eval.monitor_samples", "must be >= 1")
+    if r.data.num_workers < 0:
+        err("data.num_workers", f"must be >= 0, got {r.data.num_workers}")
     if s.steps <= 0:
         err("sample.steps", f"must be positive, got {s.steps}")
     if s.order not in (1, 2, 3):

@@ -31,7 +31,7 @@ from .generate import generate
 from .metrics.model_eval import monitor_record
 from .outputs import save_grid
 from .recipe import Recipe, dump_recipe
-from .run import RUN_EMA, RUN_RAW, RUN_TEXT_ENCODER, SAMPLES, MetricsLog, write_recipe
+from .run import METRICS, RUN_EMA, RUN_RAW, RUN_TEXT_ENCODER, SAMPLES, MetricsLog, read_metrics, write_recipe
 from .text import BUILTIN_PREFIX, builtin_tower_dir
 from .runtime import autocast
 
@@ -179,6 +179,10 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
             _set_rng_state(rngs[rank])
         if main:
             log.info("resumed from %s (step %d)", path, start)
+    elif main and (run_dir / METRICS).is_file():
+        done = max((m.get("step", 0) for m in read_metrics(run_dir)), default=0)
+        log.warning("%s has no checkpoint to resume from (the last run stopped at step %d, before its first save "
+                    "every %d steps): training starts again from step 0", run_dir, done, t.save_every)
 
     # Run directory: the resolved recipe before step 0.
     if main:

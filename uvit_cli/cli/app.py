@@ -14,6 +14,8 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from .. import __version__
+
 console = Console(stderr=False)
 err_console = Console(stderr=True)
 
@@ -36,3 +38,15 @@ def setup_logging(verbose: bool = False) -> None:
         root.addHandler(RichHandler(console=err_console, show_path=False, rich_tracebacks=False))
     root.setLevel(logging.WARNING)
     logging.getLogger("uvit_cli").setLevel(level)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"uvit {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """U-ViT for diffusion models: encode latents, train, sample, score and ablate from YAML recipes."""

@@ -93,6 +93,11 @@ def finalize(out: str | Path) -> dict | None:
         p = out / L.NULL_CONTEXT
         null = {"file": L.NULL_CONTEXT, "sha256": sha256_file(p), "prompt": ""}
     manifest = L.build_manifest(out, config, marks, null)
+    if manifest["count"] == 0:   # no manifest: an empty cache must never look complete
+        shown = "; ".join(f"{s['key']}: {s['reason']}" for s in manifest["skipped"][:3])
+        raise UvitError(f"no image of {config['source']} could be encoded ({manifest['num_skipped']} skipped: "
+                        f"{shown}{' ...' if manifest['num_skipped'] > 3 else ''}); fix or replace the images, then "
+                        "rerun the same command")
     write_json(out / L.MANIFEST, manifest)
     return manifest
 

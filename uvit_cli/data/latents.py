@@ -197,6 +197,9 @@ class LatentDataset(torch.utils.data.Dataset):
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.manifest = _read_manifest(self.root)
+        if not self.manifest.get("count"):
+            raise UvitError(f"the latent cache {self.root} holds no images; encode a data set with usable images "
+                            "(`uvit encode-latents` lists what it skipped and why)")
         self.flips = bool(self.manifest["flips"])
         self.num_classes = len(self.manifest.get("class_names") or [])
         self.is_text = self.manifest["conditioning"] == "text"

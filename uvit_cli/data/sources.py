@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import UvitError
 from ..files import IMAGE_SUFFIXES
+from ..hub import offline_unless
 from .crops import crop_image
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,8 @@ def _open_hf(kind: str, name: str, split: str, allow_download: bool):
             ds = datasets.load_from_disk(str(p))
         else:
             cfg = datasets.DownloadConfig(local_files_only=not allow_download)
-            ds = datasets.load_dataset(name, download_config=cfg)
+            with offline_unless(allow_download):
+                ds = datasets.load_dataset(name, download_config=cfg)
     except Exception as e:  # noqa: BLE001
         hint = "" if allow_download else " (not in the local cache; allow the download with --allow-download)"
         raise UvitError(f"could not open the data set hf:{name}{hint}: {type(e).__name__}: "
