@@ -52,3 +52,16 @@ def test_metrics_log_drops_lines_past_the_resumed_step(tmp_path):
     rows = read_metrics(tmp_path)
     assert [(m["step"], m["loss"]) for m in rows] == [(10, 1.0), (20, 2.0), (30, 9.0)]
     assert all(json.loads(line) for line in (tmp_path / METRICS).read_text().splitlines())
+
+
+def test_a_resume_with_changed_settings_is_recorded_as_an_amendment(tmp_path):
+    from uvit_cli.run import amend_recipe, read_amendments
+
+    r = load_recipe("digits_uvit_tiny")
+    assert amend_recipe(tmp_path, r, 0) == [] and read_amendments(tmp_path) == []
+    longer = replace(r, train={"steps": 5000}, sample={"steps": 10})
+    assert amend_recipe(tmp_path, longer, 600) == ["train.steps", "sample.steps"]
+    rows = read_amendments(tmp_path)
+    assert [(a["step"], a["key"], a["from"], a["to"]) for a in rows] == [(600, "train.steps", 3000, 5000),
+                                                                        (600, "sample.steps", 25, 10)]
+    assert load_recipe(tmp_path / "recipe.yaml") == longer

@@ -93,6 +93,32 @@ def test_resume_after_kill_is_bit_exact(tmp_path):
     assert la == lb and len(la) == n
 
 
+def test_ctrl_c_keeps_a_checkpoint_of_the_current_step_and_resumes_to_the_same_weights(tmp_path):
+    """SIGINT mid-run: a checkpoint of that step (no save was due), exit 130 with the resume command; the resumed
+    run ends bit for bit where an uninterrupted one does."""
+    n = 30
+    common = ["digits_uvit_tiny", *sum((["--set", s] for s in TINY), []), "--set", f"train.steps={n}",
+              "--set", "train.save_every=1000", "--device", "cpu"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert _uvit("train", *common, "--run-dir", str(straight)).returncode == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "uvit_cli", "train", *common, "--run-dir", str(stopped)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(m["step"] >= 8 for m in read_metrics(stopped)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    states = list_states(stopped)
+    assert len(states) == 1 and 8 <= states[0][0] < n
+    assert f"at step {states[0][0]} of {n}" in err and f"--run-dir {stopped}" in err and "Traceback" not in err
+
+    res = _uvit("train", *common, "--run-dir", str(stopped))
+    assert res.returncode == 0 and "resumed from" in res.stderr, res.stderr
+    _assert_same_state(_state(straight), _state(stopped))
+
+
 def test_corrupt_checkpoint_falls_back_to_previous(tmp_path, caplog):
     r = tiny_recipe("train.steps=20", "train.save_every=10")
     train(r, tmp_path, device="cpu")
@@ -177,6 +203,10 @@ def test_cli_dry_run_and_resume_rules(tmp_path, uvit):
     assert res.returncode == 0, res.stderr
     res = uvit("train", "digits_uvit_tiny", "--no-resume", "--run-dir", str(run))
     assert res.returncode == 2 and "already holds checkpoints" in res.stderr
+    res = uvit("train", "digits_uvit_tiny", *sum((["--set", s] for s in TINY), []), "--set", "train.steps=1",
+               "--run-dir", str(run))
+    assert res.returncode == 2 and "already at step 2" in res.stderr
+    assert load_recipe(run / "recipe.yaml").train.steps == 2          # the record is untouched
     res = uvit("train", "digits_uvit_tiny", *sum((["--set", s] for s in TINY), []), "--set", "train.lr=0.5",
                 "--run-dir", str(run))
     assert res.returncode == 2 and "train.lr" in res.stderr and "different recipe" in res.stderr

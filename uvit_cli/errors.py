@@ -1,5 +1,12 @@
-"""The one exception type the CLI prints without a traceback."""
+"""The exception types the CLI prints without a traceback."""
 
 
 class UvitError(Exception):
     """A user's mistake or a missing asset. The message names the problem and the fix."""
+
+
+class Interrupted(UvitError):
+    """Work stopped by Ctrl-C or SIGTERM after keeping what was done; the message says what was kept and the
+    command that continues. The CLI exits with 130, the shell's code for an interrupt."""
+
+    exit_code = 130

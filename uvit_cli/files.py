@@ -55,6 +55,27 @@ def atomic_path(path: str | Path):
             os.unlink(tmp)
 
 
+def prepare_output(path: str | Path, option: str, *, directory: bool = False) -> Path:
+    """Check, before any work, that an output can be written: refuse a folder where a file goes (or a file where a
+    folder goes, or a path under a regular file), and probe that the nearest existing folder is writable. Nothing
+    is created, so a command that fails later leaves no trace. ``option`` names the flag or key in the message."""
+    p = Path(path).expanduser()
+    if directory and p.exists() and not p.is_dir():
+        raise UvitError(f"{option} {p} is a file; pass a folder (or a new path) for this output")
+    if not directory and p.is_dir():
+        raise UvitError(f"{option} {p} is a folder; pass a file path such as {p / ('out' + (p.suffix or ''))}")
+    above = next(a for a in (p if directory else p.parent, *p.parents) if a.exists() or a == Path(a.anchor))
+    if not above.is_dir():
+        raise UvitError(f"{option} {p}: {above} is a file, not a folder; pick another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".uvit-write-probe-", dir=above)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UvitError(f"{option} {p}: cannot write in {above} ({e.strerror or e}); pick a writable place") from None
+    return p
+
+
 def cache_dir() -> Path:
     """The project's cache (the digits classifier, reference features, built-in text towers): $UVIT_CACHE, else
     ~/.cache/uvit."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 from .errors import UvitError
@@ -16,6 +17,7 @@ RUN_EMA = "ema.safetensors"          # the latest EMA weights (refreshed at ever
 RUN_RAW = "model.safetensors"        # the latest raw (non-EMA) weights
 METRICS = "metrics.jsonl"            # one JSON record per logged step
 SAMPLES = "samples"                  # EMA sample grids, samples/step-00001000.png
+AMENDMENTS = "amendments.jsonl"      # settings a resumed run changed, with the step they apply from
 RUN_TEXT_ENCODER = "text_encoder"    # a copy of a built-in text tower the run trained with (open_clip folder)
 
 # Fields a resumed run may change: how long it runs, how often it logs, samples, saves and evaluates.
@@ -63,6 +65,31 @@ def check_resume_compatible(saved: Recipe, new: Recipe, run_dir: Path) -> None:
     if bad:
         raise UvitError(f"{run_dir} was trained with a different recipe ({', '.join(bad)} differ); resume with "
                         "the run's own recipe (uvit train RUN_DIR/recipe.yaml --run-dir RUN_DIR) or start a new run")
+
+
+def amend_recipe(run_dir: Path, new: Recipe, step: int) -> list[str]:
+    """Write the recipe a run continues with; when it differs from the one on record, append each change to
+    amendments.jsonl with the step it applies from, so the record still says what trained steps 0..step-1.
+    Returns the changed keys. Call :func:`check_resume_compatible` first."""
+    path = run_dir / RUN_RECIPE
+    changed = []
+    if path.is_file():
+        old = load_recipe(path)
+        changed = recipe_differences(old, new)
+        if changed:
+            da, db = recipe_to_dict(old), recipe_to_dict(new)
+            get = (lambda d, k: d[k.split(".")[0]][k.split(".")[1]] if "." in k else d[k])
+            with open(run_dir / AMENDMENTS, "a") as f:
+                for k in changed:
+                    f.write(json.dumps({"step": step, "key": k, "from": get(da, k), "to": get(db, k),
+                                        "time": time.time()}) + "\n")
+    write_recipe(run_dir, new)
+    return changed
+
+
+def read_amendments(run_dir: str | Path) -> list[dict]:
+    p = Path(run_dir) / AMENDMENTS
+    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
 
 
 def is_run_dir(path: str | Path) -> bool:

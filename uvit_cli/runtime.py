@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 
 import torch
 
@@ -76,6 +78,37 @@ def autocast(device: torch.device | str, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[precision])
+
+
+class StopRequest:
+    """Set by the first SIGINT / SIGTERM while installed; the second one interrupts at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested, self.signal_name = True, signal.Signals(signum).name
+        log.warning("%s received: stopping after this step and keeping its checkpoint (press Ctrl-C again to "
+                    "stop at once)", self.signal_name)
+
+
+@contextlib.contextmanager
+def graceful_stop():
+    """Catch SIGINT and SIGTERM for a loop that can stop cleanly at its next step boundary; restores the previous
+    handlers on exit. Outside the main thread (where Python allows no handlers) nothing is installed."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    old = {s: signal.signal(s, stop._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def setup_runtime(device: torch.device | str, *, deterministic: bool = False) -> None:

@@ -24,16 +24,17 @@ from torch.utils.data import DataLoader
 
 from . import distributed as dist
 from .build import build_decoder, build_model, build_optimizer, build_schedule, build_source, build_stream
-from .checkpoint import load_latest_state, save_state, save_weights
+from .checkpoint import load_latest_state, save_state, save_weights, state_path
 from .data.stream import StreamBatches
-from .errors import UvitError
+from .errors import Interrupted, UvitError
 from .generate import generate
 from .metrics.model_eval import monitor_record
 from .outputs import save_grid
 from .recipe import Recipe, dump_recipe
-from .run import METRICS, RUN_EMA, RUN_RAW, RUN_TEXT_ENCODER, SAMPLES, MetricsLog, read_metrics, write_recipe
+from .run import (AMENDMENTS, METRICS, RUN_EMA, RUN_RAW, RUN_RECIPE, RUN_TEXT_ENCODER, SAMPLES, MetricsLog,
+                  amend_recipe, read_metrics)
 from .text import BUILTIN_PREFIX, builtin_tower_dir
-from .runtime import autocast
+from .runtime import autocast, graceful_stop
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +186,13 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
                     "every %d steps): training starts again from step 0", run_dir, done, t.save_every)
 
     # Run directory: the resolved recipe before step 0.
+    if start > t.steps:   # every rank knows: all stop together
+        raise UvitError(f"{run_dir} is already at step {start}: train.steps={t.steps} would train nothing and "
+                        f"cannot undo steps; pass train.steps > {start} to continue it, or sample the run as it is")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_recipe(run_dir, recipe)
+        for key in amend_recipe(run_dir, recipe, start):
+            log.warning("resumed with a changed setting: %s from step %d (recorded in %s)", key, start, AMENDMENTS)
         keep_builtin_text_encoder(recipe, run_dir)
         metrics = MetricsLog(run_dir, resume_step=start)
     dist.barrier()
@@ -222,57 +227,68 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
     window_loss = torch.zeros((), device=dev)
     nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
     window_steps, window_start, info = 0, time.perf_counter(), {}
-    for step in range(start, t.steps):
-        # Accumulate gradients.
-        for a in range(t.grad_accum):
-            batch = next(it)
-            x0, u, noise = (batch[k].to(dev, non_blocking=True) for k in ("x0", "u", "noise"))
-            y = batch["y"].to(dev, non_blocking=True) if model.num_classes or model.text_dim else None
-            y = apply_drop(y, batch["drop"].to(dev), null)
-            sync = a == t.grad_accum - 1 or world == 1
-            with (nullcontext() if sync else net.no_sync()), autocast(dev, t.precision):
-                loss = diffusion.loss(net, x0, y, u, noise).mean()
-            scaler.scale(loss / t.grad_accum).backward()
-            window_loss += loss.detach() / t.grad_accum
-            nonfinite |= ~torch.isfinite(loss.detach())
+    with graceful_stop() as stop:
+        for step in range(start, t.steps):
+            # Accumulate gradients.
+            for a in range(t.grad_accum):
+                batch = next(it)
+                x0, u, noise = (batch[k].to(dev, non_blocking=True) for k in ("x0", "u", "noise"))
+                y = batch["y"].to(dev, non_blocking=True) if model.num_classes or model.text_dim else None
+                y = apply_drop(y, batch["drop"].to(dev), null)
+                sync = a == t.grad_accum - 1 or world == 1
+                with (nullcontext() if sync else net.no_sync()), autocast(dev, t.precision):
+                    loss = diffusion.loss(net, x0, y, u, noise).mean()
+                scaler.scale(loss / t.grad_accum).backward()
+                window_loss += loss.detach() / t.grad_accum
+                nonfinite |= ~torch.isfinite(loss.detach())
 
-        # Update weights.
-        grad_norm, lr = optimizer_step(model, opt, lr_schedule, scaler, t.grad_clip)
+            # Update weights.
+            grad_norm, lr = optimizer_step(model, opt, lr_schedule, scaler, t.grad_clip)
 
-        # Update EMA.
-        update_ema(ema, model, ema_rate(t.ema_rate, step, t.ema_warmup))
-        window_steps += 1
-        done = step + 1
+            # Update EMA.
+            update_ema(ema, model, ema_rate(t.ema_rate, step, t.ema_warmup))
+            window_steps += 1
+            done = step + 1
 
-        # Log (and stop on a non-finite loss, keeping the last good checkpoint).
-        if done % t.log_every == 0 or done == t.steps:
-            if t.precision != "fp16" and bool(dist.all_reduce_mean(nonfinite.float()) > 0):
-                raise UvitError(f"the loss became NaN or inf before step {done}; stopping without saving. The last "
-                                f"good checkpoint is kept in {run_dir}/checkpoints. Lower train.lr, set "
-                                "train.grad_clip, or train in bf16")
-            elapsed = time.perf_counter() - window_start
-            info = {"step": done, "loss": float(dist.all_reduce_mean(window_loss) / window_steps), "lr": lr,
-                    "grad_norm": float(grad_norm), "img_per_s": window_steps * t.batch_size / elapsed,
-                    "peak_mem_gb": _peak_memory_gb(dev), "time": time.time()}
-            if t.precision == "fp16":
-                info["loss_scale"] = scaler.get_scale()
-            if main:
-                metrics.write(info)
-            window_loss.zero_()
-            window_steps, window_start = 0, time.perf_counter()
+            # Log (and stop on a non-finite loss, keeping the last good checkpoint).
+            if done % t.log_every == 0 or done == t.steps:
+                if t.precision != "fp16" and bool(dist.all_reduce_mean(nonfinite.float()) > 0):
+                    raise UvitError(f"the loss became NaN or inf before step {done}; stopping without saving. The last "
+                                    f"good checkpoint is kept in {run_dir}/checkpoints. Lower train.lr, set "
+                                    "train.grad_clip, or train in bf16")
+                elapsed = time.perf_counter() - window_start
+                info = {"step": done, "loss": float(dist.all_reduce_mean(window_loss) / window_steps), "lr": lr,
+                        "grad_norm": float(grad_norm), "img_per_s": window_steps * t.batch_size / elapsed,
+                        "peak_mem_gb": _peak_memory_gb(dev), "time": time.time()}
+                if t.precision == "fp16":
+                    info["loss_scale"] = scaler.get_scale()
+                if main:
+                    metrics.write(info)
+                window_loss.zero_()
+                window_steps, window_start = 0, time.perf_counter()
 
-        # Save a checkpoint; draw a sample grid; run the monitor evaluation.
-        if done % t.save_every == 0 or done == t.steps:
-            checkpoint(done)
-        if main and t.sample_every and (done % t.sample_every == 0 or done == t.steps):
-            _sample_grid(ema, recipe, run_dir, done, dev, source, grid_cache)
-        if main and t.eval_every and done % t.eval_every == 0 and monitor_ok:
-            record = monitor_record(ema, recipe, dev)
-            monitor_ok = record is not None
-            if record:
-                metrics.write({"step": done, **record})
-        if progress is not None:
-            progress(done, t.steps, info)
+            # Save a checkpoint; draw a sample grid; run the monitor evaluation.
+            if done % t.save_every == 0 or done == t.steps:
+                checkpoint(done)
+            if main and t.sample_every and (done % t.sample_every == 0 or done == t.steps):
+                _sample_grid(ema, recipe, run_dir, done, dev, source, grid_cache)
+            if main and t.eval_every and done % t.eval_every == 0 and monitor_ok:
+                record = monitor_record(ema, recipe, dev)
+                monitor_ok = record is not None
+                if record:
+                    metrics.write({"step": done, **record})
+            if progress is not None:
+                progress(done, t.steps, info)
+
+            # Stop cleanly on Ctrl-C / SIGTERM: every rank stops at the same step, with a checkpoint of it.
+            if dist.any_rank(stop.requested, dev):
+                if done % t.save_every and done != t.steps:
+                    checkpoint(done)
+                raise Interrupted(f"training stopped by {stop.signal_name or 'a signal on another rank'} at step "
+                                  f"{done} of {t.steps}; kept the training state {state_path(run_dir, done)} and the "
+                                  f"weights {run_dir / RUN_EMA}. Resume with: uvit train {run_dir / RUN_RECIPE} "
+                                  f"--run-dir {run_dir}")
+
 
     if start >= t.steps and main:
         log.info("nothing to do: the run already reached %d steps", t.steps)

@@ -2,24 +2,46 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 
 from rich.markup import escape
 
-from ..errors import UvitError
+from ..errors import Interrupted, UvitError
 from . import ablate, bench, encode, fid, recipes, sample, train  # noqa: F401 - each registers its commands
 from .app import app, err_console
 
 __all__ = ["app", "main"]
 
 
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app; a UvitError prints as one red line and exits with status 2, no traceback."""
+    """Entry point: run the app; a UvitError prints as one red line and exits with status 2, no traceback.
+
+    Under torchrun only rank 0 prints it (every rank meets the same error). SIGTERM (a scheduler's stop) is handled
+    like Ctrl-C; long jobs catch both and keep their last complete unit of work (errors.Interrupted)."""
+    old = signal.signal(signal.SIGTERM, _sigterm_as_interrupt) \
+        if threading.current_thread() is threading.main_thread() else None
+    quiet = os.environ.get("RANK", "0") != "0"
     try:
         app(args=argv, standalone_mode=True)
+    except Interrupted as e:
+        if not quiet:
+            err_console.print(f"[yellow]interrupted:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(Interrupted.exit_code)
     except UvitError as e:
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        if not quiet:
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]")
+        if not quiet:
+            err_console.print("[yellow]interrupted[/] (nothing half-written is kept under a final name)")
         sys.exit(130)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import UvitError
-from ..files import write_json
+from ..files import prepare_output, write_json
 from ..recipe import Precision, choices, load_recipe
 from .app import app, console, setup_logging
 from .options import DeviceOption, SetOption, parse_list
@@ -64,6 +64,8 @@ def bench_cmd(
     from ..bench import encode, features, sample, timer, train  # deferred: loads torch (cli/app.py)
 
     setup_logging()
+    if json_out is not None:
+        prepare_output(json_out, "--json")
     suites = _choices(suite, SUITES, "--suite")
     precs = _choices(precisions, choices(Precision), "--precision")
     bs = parse_list(batches, "--batches")

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from ..data.crops import DEFAULT_CROP
 from ..errors import UvitError
+from ..files import prepare_output
 from ..recipe import Crop
 from ..registry import DEFAULT_TEXT_ENCODER, VAES
 from .app import app, console, setup_logging
@@ -107,6 +108,7 @@ def encode_cmd(
     if out is None:
         name = kind if kind != "folder" else (Path(source).name or "folder")
         out = Path("data") / f"{name}{res}_latents{'' if split is Split.train else '_' + split.value}"
+    prepare_output(out, "--out", directory=True)
     # The process group only synchronises the finish (ranks encode disjoint shards), so its timeout is long.
     dev = distributed.init(device, timeout_minutes=48 * 60)
     rank, world = distributed.rank(), distributed.world_size()

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import UvitError
-from ..files import sha256_file, write_json
+from ..files import prepare_output, sha256_file, write_json
 from ..run import latest_run
 from .app import app, console, setup_logging
 from .options import (DeviceOption, PrecisionChoice, SetOption, VerboseOption, WeightsChoice, WeightsOption,
@@ -95,6 +95,10 @@ def fid_cmd(
     from ..metrics.evaluate import evaluate  # deferred: loads torch (cli/app.py)
 
     setup_logging(verbose)
+    if json_out is not None:
+        prepare_output(json_out, "--json")
+    if samples_out is not None:
+        prepare_output(samples_out, "--samples-out")
     dev = runtime.resolve_device(device)
     runtime.setup_runtime(dev)
     recipe, card = None, {}
@@ -175,6 +179,7 @@ def fid_stats_cmd(
     setup_logging(verbose)
     if out.suffix != ".npz":
         raise UvitError(f"--out {out}: statistics are written as .npz")
+    prepare_output(out, "--out")
     if not source.exists():
         raise UvitError(f"{source} does not exist")
     mode = mode or _auto_mode(source)

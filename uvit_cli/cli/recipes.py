@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import UvitError
+from ..files import prepare_output
 from ..recipe import dump_recipe, load_recipe, shipped_recipes
 from .app import app, console, setup_logging
 from .options import SetOption
@@ -89,6 +90,7 @@ def convert_cmd(
     setup_logging()
     if out.suffix != ".safetensors":
         raise UvitError(f"--out {out}: the output must end in .safetensors")
+    prepare_output(out, "--out")
     recipe = load_recipe(recipe_path, overrides)
     sd = checkpoint.read_official_pth(official)
     model = build.build_model(recipe)

@@ -11,6 +11,7 @@ import typer
 
 from ..data.imagenet_classes import imagenet_class_id, imagenet_class_names
 from ..errors import UvitError
+from ..files import prepare_output
 from .app import app, console, setup_logging
 from .options import (IO, PERF, DeviceOption, PrecisionChoice, SamplerChoice, SetOption, VerboseOption,
                       WeightsChoice, WeightsOption, parse_seeds, precision_option, sampling_overrides, value)
@@ -150,6 +151,10 @@ def sample_cmd(
     from .. import build, generate, outputs, runtime  # deferred: loads torch (cli/app.py)
 
     setup_logging(verbose)
+    grid_path = out or (Path("grid.png") if out_dir is None and npz is None else None)
+    for path, option, is_dir in ((grid_path, "--out", False), (out_dir, "--out-dir", True), (npz, "--npz", False)):
+        if path is not None:   # before any work: an unwritable output must not cost the sampling
+            prepare_output(path, option, directory=is_dir)
     precision = value(precision)
     if seeds_text and n is not None:
         raise UvitError("pass either --seeds or --n/--seed, not both")
@@ -206,8 +211,7 @@ def sample_cmd(
                           progress=lambda done, total: bar.update(task, completed=done, total=total))
 
     written = []
-    if out is not None or (out_dir is None and npz is None):
-        grid_path = out or Path("grid.png")
+    if grid_path is not None:
         if len(images) > GRID_MAX:
             log.warning("the grid shows the first %d of %d samples; use --out-dir or --npz for all", GRID_MAX,
                         len(images))

@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import UvitError
+from ..files import prepare_output
 from ..recipe import dump_recipe, load_recipe
 from ..run import RUN_RECIPE, check_resume_compatible, latest_run, new_run_dir
 from .app import app, console, setup_logging
@@ -64,6 +65,8 @@ def train_cmd(
     if resume and (run_dir / RUN_RECIPE).exists():
         check_resume_compatible(load_recipe(run_dir / RUN_RECIPE), recipe, run_dir)
 
+    if not dry_run:
+        prepare_output(run_dir, "--run-dir", directory=True)
     if dry_run:
         _dry_run(recipe, run_dir, resume and has_states)
         return
