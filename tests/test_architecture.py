@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import uvit_cli
-from uvit_cli.recipe import (Crop, EvalMode, Formulation, Metric, Precision, Sampler, SkipMode, Spacing, Weights,
-                             choices)
+from uvit_cli.recipe import (Crop, EvalMode, Formulation, Metric, Precision, Sampler, SkipMode, Spacing, Tracker,
+                             Weights, choices)
 
 PACKAGE = Path(uvit_cli.__file__).parent
 
@@ -131,11 +131,13 @@ def test_every_list_of_choices_agrees_with_the_recipe():
     from uvit_cli.registry import VAES
     from uvit_cli.runtime import DTYPES
     from uvit_cli.sampling import SAMPLERS, SPACINGS
+    from uvit_cli.tracking import TRACKERS
 
     assert tuple(SAMPLERS) == choices(Sampler)
     assert ("auto", *SPACINGS) == choices(Spacing)
     assert SKIP_MODES == choices(SkipMode)
     assert tuple(DTYPES) == choices(Precision)
+    assert tuple(TRACKERS) == choices(Tracker)
     assert {"auto", *CROPS} == set(choices(Crop))
     assert {*MODES, "digits"} == set(choices(EvalMode))
     assert (*INCEPTION_METRICS, *DIGITS_METRICS) == choices(Metric)
