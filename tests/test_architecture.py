@@ -155,3 +155,13 @@ def test_every_list_of_choices_agrees_with_the_recipe():
     base = load_recipe("digits_uvit_tiny")
     for f in choices(Formulation):  # every formulation builds a schedule
         assert build_schedule(replace(base, diffusion={"formulation": f})).kind == f
+
+
+def test_no_dependency_is_capped_or_pinned():
+    """pyproject.toml binds no user to one torch: lower bounds only; pins belong to CI's install line (.ci/run)."""
+    import tomllib
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    assert any(r.replace(" ", "").startswith("torch>=") for r in reqs)
+    assert [r for r in reqs if any(op in r for op in ("<", "==", "~=", "!="))] == []
