@@ -40,6 +40,7 @@ EvalMode = Literal["pytorch_fid", "clean", "legacy_tensorflow", "digits"]  # met
 Metric = Literal["fid", "sfid", "is", "precision", "recall", "fd_digits", "acc_digits"]  # metrics/evaluate
 Weights = Literal["ema", "raw"]                             # which weights of a run directory
 Tracker = Literal["jsonl", "tensorboard", "wandb"]     # experiment trackers (tracking.TRACKERS); jsonl always on
+ExportFormat = Literal["diffusers", "safetensors"]       # uvit export --format (export.EXPORTERS)
 DataName = Literal["digits", "cifar10", "celeba64", "imagenet64", "folder", "latents"]
 
 
