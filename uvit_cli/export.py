@@ -203,7 +203,7 @@ def model_card(recipe: Recipe, *, params: int, step: int | None, source: str, sc
               f"x = torch.randn(4, {m.in_chans}, {m.img_size}, {m.img_size})"]
     w = info["guidance_w"]
     if kind == "class":
-        lines += [f"y = torch.tensor([1, 2, 3, 4])" + (f"; null = torch.full_like(y, {info['null_class_id']})"
+        lines += ["y = torch.tensor([1, 2, 3, 4])" + (f"; null = torch.full_like(y, {info['null_class_id']})"
                                                       if w != 1 else ""),
                   "for t in scheduler.timesteps:", "    with torch.no_grad():"]
         if w != 1:
