@@ -23,6 +23,7 @@ from diffusers.utils import BaseOutput
 from .build import build_schedule, model_kwargs
 from .model import UViT
 from .recipe import Recipe, recipe_from_dict, recipe_to_dict
+from .runtime import to_device
 
 
 @dataclass
@@ -67,9 +68,9 @@ class UViTModel(ModelMixin, UViT, ConfigMixin):
         out.load_state_dict(model.state_dict(), strict=True)
         return out.eval()
 
-    def network_time(self, timestep, batch: int, device) -> torch.Tensor:
-        """A diffusers timestep index k (scalar or (B,)) -> the time the network was trained on, float32 on device
-        (computed in float64 on the CPU: some devices have no float64)."""
+    def network_time(self, timestep, batch: int) -> torch.Tensor:
+        """A diffusers timestep index k (scalar or (B,)) -> the time the network was trained on, float32 on the CPU
+        (computed in float64 there: some devices have no float64)."""
         k = torch.as_tensor(timestep).detach().to("cpu", torch.float64).reshape(-1)
         t_net = self.schedule.net_time((k + 1.0) / self.num_train_timesteps).float()
         return t_net.expand(batch) if t_net.numel() == 1 else t_net
@@ -77,7 +78,7 @@ class UViTModel(ModelMixin, UViT, ConfigMixin):
     def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None,
                 encoder_hidden_states: torch.Tensor | None = None, return_dict: bool = True):
         """eps(sample, timestep | condition): class ids for class models, (B, 77, D) text features for text ones."""
-        t_net = self.network_time(timestep, sample.shape[0], sample.device).to(sample.device)
+        t_net = to_device(self.network_time(timestep, sample.shape[0]), sample.device)
         y = class_labels if self.num_classes > 0 else encoder_hidden_states if self.text_dim > 0 else None
         eps = UViT.forward(self, sample, t_net, y)
         return UViTModelOutput(sample=eps) if return_dict else (eps,)

@@ -210,7 +210,8 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
             # Accumulate gradients.
             for a in range(t.grad_accum):
                 batch = next(it)
-                x0, u, noise = (batch[k].to(dev, non_blocking=True) for k in ("x0", "u", "noise"))
+                x0, noise = (batch[k].to(dev, non_blocking=True) for k in ("x0", "noise"))
+                u = batch["u"]  # the time draws stay on the CPU: the schedule's float64 math runs there
                 y = batch["y"].to(dev, non_blocking=True) if model.num_classes or model.text_dim else None
                 y = apply_drop(y, batch["drop"].to(dev), null)
                 sync = a == t.grad_accum - 1 or world == 1
