@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import uvit_cli
-from uvit_cli.recipe import (Crop, EvalMode, Formulation, Metric, Precision, Sampler, SkipMode, Spacing, Tracker,
-                             Weights, choices)
+from uvit_cli.recipe import (Crop, EvalMode, ExportFormat, Formulation, Metric, Precision, Sampler, SkipMode,
+                             Spacing, Tracker, Weights, choices)
 
 PACKAGE = Path(uvit_cli.__file__).parent
 
@@ -120,6 +120,7 @@ def test_every_list_of_choices_agrees_with_the_recipe():
     from uvit_cli.bench.train import bench_train  # noqa: F401 - importable
     from uvit_cli.build import build_schedule
     from uvit_cli.cli.encode import CropChoice, Dataset
+    from uvit_cli.cli.export import FormatChoice
     from uvit_cli.cli.options import PrecisionChoice, SamplerChoice, WeightsChoice
     from uvit_cli.data.crops import CROPS, DEFAULT_CROP
     from uvit_cli.data.sources import open_source
@@ -148,6 +149,7 @@ def test_every_list_of_choices_agrees_with_the_recipe():
     assert [e.value for e in SamplerChoice] == list(choices(Sampler))
     assert [e.value for e in WeightsChoice] == list(choices(Weights))
     assert [e.value for e in CropChoice] == list(choices(Crop))
+    assert [e.value for e in FormatChoice] == list(choices(ExportFormat))  # export.EXPORTERS: tests/test_export.py
     assert [e.value for e in Dataset] == list(VAES)
     for kind in VAES:  # every encode-latents kind is a source kind
         with pytest.raises(UvitError, match="does not exist|missing"):

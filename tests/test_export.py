@@ -134,7 +134,7 @@ def test_an_official_release_file_converts_to_both_formats(tmp_path, uvit):
         torch.testing.assert_close(UViT.forward(exported, x, t, y), want, atol=1e-5, rtol=0)
     _same_outputs(model, exported, r, {"class_labels": y[:3]}, y[:3])
     # discrete formulation: network time = index + 1 (the official n), diffusers' scaled_linear betas
-    assert float(exported.network_time(0, 1, "cpu")) == 1.0 and float(exported.network_time(999, 1, "cpu")) == 1000.0
+    assert float(exported.network_time(0, 1)) == 1.0 and float(exported.network_time(999, 1)) == 1000.0
     scheduler = DPMSolverSinglestepScheduler.from_pretrained(tmp_path / "hub" / "scheduler")
     assert scheduler.config.beta_schedule == "scaled_linear" and scheduler.config.algorithm_type == "dpmsolver++"
     torch.testing.assert_close(scheduler.alphas_cumprod.double(), build_schedule(r).alphas_cumprod,
