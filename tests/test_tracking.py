@@ -80,6 +80,19 @@ def _wandb_records(path: Path):
     return out
 
 
+def _finished_records(path: Path, timeout: float = 60.0):
+    """The records of a segment once wandb's core process has written its exit record (it writes asynchronously,
+    so run.finish() may return a moment before the file is complete)."""
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        records = _wandb_records(path) if path.exists() else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.time() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def _history(records) -> dict[int, dict]:
     out = {}
     for r in records:
@@ -101,7 +114,7 @@ def test_wandb_offline_logs_the_run_and_a_resumed_run_continues_the_same_wandb_r
     run_id = (run / WANDB_ID).read_text().strip()
     first = sorted((run / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(first) == 1
-    records = _wandb_records(first[0] / f"run-{run_id}.wandb")
+    records = _finished_records(first[0] / f"run-{run_id}.wandb")
     run_rec = next(x.run for x in records if x.WhichOneof("record_type") == "run")
     assert run_rec.run_id == run_id and run_rec.project == "uvit-test" and run_rec.display_name == run.name
     config = {i.key: json.loads(i.value_json) for i in run_rec.config.update}
@@ -123,7 +136,7 @@ def test_wandb_offline_logs_the_run_and_a_resumed_run_continues_the_same_wandb_r
     assert (run / WANDB_ID).read_text().strip() == run_id
     segments = sorted((run / "wandb").glob("offline-run-*"))          # every segment is of the one run id
     assert all(p.name.endswith(run_id) for p in segments)
-    steps = sorted(s for seg in segments for s in _history(_wandb_records(seg / f"run-{run_id}.wandb")))
+    steps = sorted(s for seg in segments for s in _history(_finished_records(seg / f"run-{run_id}.wandb")))
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
@@ -146,3 +159,22 @@ def test_log_to_names_are_checked_by_the_recipe():
     with pytest.raises(RecipeError, match="tensorboard"):
         load_recipe("digits_uvit_tiny", ["train.log_to=[jsonl,tensorbord]"])
     assert load_recipe("digits_uvit_tiny").train.log_to == ("jsonl",)
+
+
+def test_a_resumed_run_replaces_the_tensorboard_events_past_its_checkpoint(tmp_path):
+    """Killed after logging steps 3-4 but checkpointed at 2: the resumed run logs 3-6 again, and TensorBoard shows
+    each step once, with the resumed values (like metrics.jsonl)."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from uvit_cli.checkpoint import list_states
+
+    run = tmp_path / "run"
+    sets = [*TINY, "train.sample_every=0", "train.log_to=[jsonl,tensorboard]"]
+    train(load_recipe("digits_uvit_tiny", sets), run, device="cpu")
+    list_states(run)[-1][1].unlink()                                   # as if killed before the step-4 checkpoint
+    train(load_recipe("digits_uvit_tiny", [*sets, "train.steps=6"]), run, device="cpu")
+    acc = event_accumulator.EventAccumulator(str(run / TENSORBOARD))
+    acc.Reload()
+    events = acc.Scalars("loss")
+    jsonl = [(m["step"], m["loss"]) for m in read_metrics(run)]
+    assert [e.step for e in events] == [s for s, _ in jsonl] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([e.value for e in events], [v for _, v in jsonl], rtol=1e-6)
