@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from photos import photo_image
 
 # A 4-level AutoencoderKL (downsampling by 8 like the SD VAE) with 8 channels: milliseconds per image.
 TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
@@ -50,11 +50,6 @@ def save_tiny_clip(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def rand_image(rng, h: int, w: int, mode: str = "RGB") -> Image.Image:
-    arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    return Image.fromarray(arr).convert(mode)
-
-
 def imagenet_tree(root: Path, per_class: int = 5, wnids=("n01440764", "n01443537", "n01484850"),
                   bad: bool = True, seed: int = 0) -> Path:
     """``root/train/<wnid>/*.JPEG`` with assorted sizes; with ``bad``: a CMYK, a gray, an RGBA PNG, a truncated
@@ -64,16 +59,16 @@ def imagenet_tree(root: Path, per_class: int = 5, wnids=("n01440764", "n01443537
         d = root / "train" / wnid
         d.mkdir(parents=True, exist_ok=True)
         for k in range(per_class):
-            rand_image(rng, 36 + 3 * k, 48 - 2 * c).save(d / f"{wnid}_{k}.JPEG", quality=90)
+            photo_image(rng, 36 + 3 * k, 48 - 2 * c).save(d / f"{wnid}_{k}.JPEG", quality=90)
     if bad:
         d0, d1 = root / "train" / wnids[0], root / "train" / wnids[1]
-        rand_image(rng, 40, 40, "CMYK").save(d0 / "x_cmyk.JPEG")
-        rand_image(rng, 40, 44, "L").save(d0 / "x_gray.JPEG")
-        rgba = rand_image(rng, 40, 40, "RGBA")
+        photo_image(rng, 40, 40, "CMYK").save(d0 / "x_cmyk.JPEG")
+        photo_image(rng, 40, 44, "L").save(d0 / "x_gray.JPEG")
+        rgba = photo_image(rng, 40, 40, "RGBA")
         rgba.putalpha(128)
         rgba.save(d1 / "x_alpha.png")
         buf = d1 / "x_trunc.JPEG"
-        rand_image(rng, 64, 64).save(buf, quality=95)
+        photo_image(rng, 64, 64).save(buf, quality=95)
         buf.write_bytes(buf.read_bytes()[:600])
         (d1 / "x_corrupt.JPEG").write_bytes(b"\xff\xd8 this is not a jpeg")
     return root
@@ -88,7 +83,7 @@ def coco_tree(root: Path, split: str = "train", n: int = 5, seed: int = 0) -> Pa
     ids = [int(x) for x in rng.permutation(np.arange(100, 100 + 7 * n, 7))]   # unsorted ids: order must be by id
     for k, img_id in enumerate(ids):
         name = f"COCO_{split}2014_{img_id:012d}.jpg"
-        rand_image(rng, 40 + k, 52).save(root / f"{split}2014" / name)
+        photo_image(rng, 40 + k, 52).save(root / f"{split}2014" / name)
         images.append({"id": img_id, "file_name": name, "height": 40 + k, "width": 52})
         for j in range(6 if k == 0 else 5):
             anns.append({"id": 1000 * img_id + j, "image_id": img_id, "caption": f"image {img_id} caption {j} "})

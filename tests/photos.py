@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import matplotlib
@@ -21,3 +22,25 @@ def photo_paths() -> dict[str, Path]:
 def photos() -> dict[str, np.ndarray]:
     """name -> uint8 RGB array."""
     return {k: np.asarray(Image.open(p).convert("RGB")) for k, p in photo_paths().items()}
+
+
+@lru_cache(maxsize=None)
+def _pil_photos() -> tuple:
+    return tuple(Image.fromarray(a) for a in photos().values())
+
+
+def photo_image(rng: np.random.Generator, h: int, w: int, mode: str = "RGB") -> Image.Image:
+    """A (w x h) PIL image of a random region of a random real photo (its scale and place drawn from ``rng``),
+    resized with BICUBIC: real image statistics at any small test size."""
+    src = _pil_photos()[int(rng.integers(len(_pil_photos())))]
+    W, H = src.size
+    side = int(rng.integers(min(W, H) // 3, min(W, H) + 1))
+    rw, rh = min(W, max(8, round(side * w / max(h, w)))), min(H, max(8, round(side * h / max(h, w))))
+    x, y = int(rng.integers(0, W - rw + 1)), int(rng.integers(0, H - rh + 1))
+    return src.crop((x, y, x + rw, y + rh)).resize((w, h), Image.BICUBIC).convert(mode)
+
+
+def photo_crops(n: int, size: int, seed: int) -> np.ndarray:
+    """uint8 (n, size, size, 3): square regions of the real photos, seeded."""
+    rng = np.random.default_rng(seed)
+    return np.stack([np.asarray(photo_image(rng, size, size)) for _ in range(n)])

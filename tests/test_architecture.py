@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import uvit_cli
-from uvit_cli.recipe import (Crop, EvalMode, Formulation, Metric, Precision, Sampler, SkipMode, Spacing, Weights,
-                             choices)
+from uvit_cli.recipe import (Crop, EvalMode, ExportFormat, Formulation, Metric, Precision, Sampler, SkipMode,
+                             Spacing, Tracker, Weights, choices)
 
 PACKAGE = Path(uvit_cli.__file__).parent
 
@@ -120,6 +120,7 @@ def test_every_list_of_choices_agrees_with_the_recipe():
     from uvit_cli.bench.train import bench_train  # noqa: F401 - importable
     from uvit_cli.build import build_schedule
     from uvit_cli.cli.encode import CropChoice, Dataset
+    from uvit_cli.cli.export import FormatChoice
     from uvit_cli.cli.options import PrecisionChoice, SamplerChoice, WeightsChoice
     from uvit_cli.data.crops import CROPS, DEFAULT_CROP
     from uvit_cli.data.sources import open_source
@@ -131,11 +132,13 @@ def test_every_list_of_choices_agrees_with_the_recipe():
     from uvit_cli.registry import VAES
     from uvit_cli.runtime import DTYPES
     from uvit_cli.sampling import SAMPLERS, SPACINGS
+    from uvit_cli.tracking import TRACKERS
 
     assert tuple(SAMPLERS) == choices(Sampler)
     assert ("auto", *SPACINGS) == choices(Spacing)
     assert SKIP_MODES == choices(SkipMode)
     assert tuple(DTYPES) == choices(Precision)
+    assert tuple(TRACKERS) == choices(Tracker)
     assert {"auto", *CROPS} == set(choices(Crop))
     assert {*MODES, "digits"} == set(choices(EvalMode))
     assert (*INCEPTION_METRICS, *DIGITS_METRICS) == choices(Metric)
@@ -146,6 +149,7 @@ def test_every_list_of_choices_agrees_with_the_recipe():
     assert [e.value for e in SamplerChoice] == list(choices(Sampler))
     assert [e.value for e in WeightsChoice] == list(choices(Weights))
     assert [e.value for e in CropChoice] == list(choices(Crop))
+    assert [e.value for e in FormatChoice] == list(choices(ExportFormat))  # export.EXPORTERS: tests/test_export.py
     assert [e.value for e in Dataset] == list(VAES)
     for kind in VAES:  # every encode-latents kind is a source kind
         with pytest.raises(UvitError, match="does not exist|missing"):
@@ -153,3 +157,13 @@ def test_every_list_of_choices_agrees_with_the_recipe():
     base = load_recipe("digits_uvit_tiny")
     for f in choices(Formulation):  # every formulation builds a schedule
         assert build_schedule(replace(base, diffusion={"formulation": f})).kind == f
+
+
+def test_no_dependency_is_capped_or_pinned():
+    """pyproject.toml binds no user to one torch: lower bounds only; pins belong to CI's install line (.ci/run)."""
+    import tomllib
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    assert any(r.replace(" ", "").startswith("torch>=") for r in reqs)
+    assert [r for r in reqs if any(op in r for op in ("<", "==", "~=", "!="))] == []

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from encode_fixtures import coco_tree, imagenet_tree, rand_image, save_tiny_clip, save_tiny_vae
+from encode_fixtures import coco_tree, imagenet_tree, photo_image, save_tiny_clip, save_tiny_vae
 from typer.testing import CliRunner
 
 from uvit_cli.cli import app
@@ -58,7 +58,7 @@ def test_coco_and_caption_folder_runs(tmp_path, assets):
     folder.mkdir()
     lines = []
     for k in range(3):
-        rand_image(rng, 30, 40).save(folder / f"{k}.png")
+        photo_image(rng, 30, 40).save(folder / f"{k}.png")
         lines.append(json.dumps({"file_name": f"{k}.png", "text": f"picture number {k}"}))
     (folder / "metadata.jsonl").write_text("\n".join(lines))
     res = _run("folder", "--res", 16, "--source", folder, "--vae", assets["vae"], "--text-encoder", assets["clip"],

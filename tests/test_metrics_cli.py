@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from metrics_fixtures import smooth_images, write_pngs, write_random_inception
+from metrics_fixtures import photo_crops, write_pngs, write_random_inception
 from uvit_cli.data.digits import load_digits_uint8
 from uvit_cli.files import cache_dir
 from uvit_cli.metrics import digits as D
@@ -38,11 +38,10 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory):
-    # Trained once per session (seconds) into the cache directory conftest gives every test.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("UVIT_CACHE", str(tmp_path_factory.getbasetemp() / "uvit-cache"))
-        return D.load_classifier()
+def classifier():
+    # Trained once per session (seconds) into the cache directory conftest gives every test (UVIT_CACHE), where
+    # test_digits_classifier_is_deterministic_and_cached looks for it.
+    return D.load_classifier()
 
 
 def test_digits_metric_separates_real_from_noise(digits, classifier):
@@ -88,7 +87,7 @@ def test_uvit_fid_digits_npz_with_json(digits, classifier, tmp_path):
     same = evaluate(tmp_path / "s.npz", tmp_path / "s.npz", mode="digits").metrics["fd_digits"]
     assert abs(same) < 1e-6  # a set against itself (scipy sqrtm numerics)
     with pytest.raises(Exception, match="built with --mode digits"):
-        evaluate(smooth_images(4, 8, 0), tmp_path / "st.npz", mode="pytorch_fid")
+        evaluate(photo_crops(4, 8, 0), tmp_path / "st.npz", mode="pytorch_fid")
 
 
 @pytest.mark.parametrize("args,match", [
@@ -104,10 +103,10 @@ def test_uvit_fid_digits_npz_with_json(digits, classifier, tmp_path):
 def test_cli_errors_are_one_line_without_traceback(tmp_path, monkeypatch, args, match):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
     (tmp_path / "empty").mkdir()
-    f = smooth_images(4, 8, 0).astype(np.float32)
+    f = photo_crops(4, 8, 0).astype(np.float32)
     f[1, 1, 1, 1] = np.inf
     np.savez(tmp_path / "nan.npz", f)
-    np.savez(tmp_path / "rgb.npz", smooth_images(4, 8, 0))
+    np.savez(tmp_path / "rgb.npz", photo_crops(4, 8, 0))
     code, out, err = _invoke_main([a.format(tmp=tmp_path) for a in args])
     assert code == 2
     assert "Traceback" not in err + out
@@ -118,8 +117,8 @@ def test_cli_inception_metrics_end_to_end(tmp_path, monkeypatch):
     """IS, precision and recall (no 2048x2048 sqrtm) through the CLI with a random-weight FID Inception."""
     write_random_inception(tmp_path / "th")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
-    a = write_pngs(tmp_path / "a", smooth_images(4, 16, 0))
-    np.savez(tmp_path / "ref.npz", smooth_images(4, 16, 1))
+    a = write_pngs(tmp_path / "a", photo_crops(4, 16, 0))
+    np.savez(tmp_path / "ref.npz", photo_crops(4, 16, 1))
     code, out, err = _invoke_main(["fid", str(a), "--ref", str(tmp_path / "ref.npz"), "--metrics",
                                    "is,precision,recall", "--batch-size", "4", "--json", str(tmp_path / "r.json")])
     assert code == 0, err
@@ -136,7 +135,7 @@ def test_cli_inception_metrics_end_to_end(tmp_path, monkeypatch):
     again = evaluate(a, tmp_path / "st.npz", metrics="precision,recall", batch_size=4).metrics
     assert again == {k: r["metrics"][k] for k in ("precision", "recall")}
     # The 16x16 reference does not match 8x8 samples: refused rather than silently compared.
-    np.savez(tmp_path / "small.npz", smooth_images(4, 8, 2))
+    np.savez(tmp_path / "small.npz", photo_crops(4, 8, 2))
     with pytest.raises(Exception, match="score both sets at one resolution"):
         evaluate(tmp_path / "small.npz", tmp_path / "st.npz", metrics="precision")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metrics_fixtures import smooth_images, write_pngs, write_random_inception
+from metrics_fixtures import photo_crops, write_pngs, write_random_inception
 from uvit_cli.errors import UvitError
 from uvit_cli.metrics.features import preprocess, tf1_resize_bilinear
 from uvit_cli.metrics.inception import WEIGHTS_FILE, WEIGHTS_URL, load_fid_inception
@@ -69,7 +69,7 @@ def test_missing_or_wrong_weights_are_clear_errors(tmp_path, monkeypatch):
 
 
 def test_pytorch_fid_mode_is_pytorch_fid_preprocessing():
-    img = smooth_images(3, 40, 0)
+    img = photo_crops(3, 40, 0)
     x = torch.from_numpy(img).permute(0, 3, 1, 2).float() / 255  # torchvision ToTensor
     expected = 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1
     assert torch.equal(preprocess(img, "pytorch_fid"), expected)
@@ -89,7 +89,7 @@ def test_tf1_resize_matches_the_legacy_grid():
     grid = torch.stack([gx, gy], -1)[None].expand(2, -1, -1, -1)
     expected = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
     torch.testing.assert_close(tf1_resize_bilinear(x, 299), expected, rtol=0, atol=2e-3)
-    img = smooth_images(2, 37, 1)
+    img = photo_crops(2, 37, 1)
     got = preprocess(img, "legacy_tensorflow")
     torch.testing.assert_close(got, (tf1_resize_bilinear(torch.from_numpy(img).permute(0, 3, 1, 2).float()) - 128) / 128)
 
@@ -97,7 +97,7 @@ def test_tf1_resize_matches_the_legacy_grid():
 def test_clean_mode_uses_clean_fid_resizer():
     from cleanfid.resize import build_resizer
 
-    img = smooth_images(2, 32, 2)
+    img = photo_crops(2, 32, 2)
     fn = build_resizer("clean")
     expected = torch.from_numpy(np.stack([fn(i) for i in img])).permute(0, 3, 1, 2)
     torch.testing.assert_close(preprocess(img, "clean"), (expected - 128) / 128)
@@ -116,8 +116,8 @@ def test_features_and_fid_match_pytorch_fid_and_clean_fid(torch_home, tmp_path):
 
     from uvit_cli.metrics import evaluate
 
-    a = write_pngs(tmp_path / "a", smooth_images(6, 16, 10))
-    b = write_pngs(tmp_path / "b", smooth_images(6, 16, 11) // 2 + 60)
+    a = write_pngs(tmp_path / "a", photo_crops(6, 16, 10))
+    b = write_pngs(tmp_path / "b", photo_crops(6, 16, 11) // 2 + 60)
 
     def pfid_features(folder):
         files = sorted(str(p) for p in folder.iterdir())

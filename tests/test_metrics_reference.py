@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from metrics_fixtures import smooth_images
+from metrics_fixtures import photo_crops
 from uvit_cli.errors import UvitError
 from uvit_cli.metrics.features import Features
 from uvit_cli.metrics.frechet import GaussianStats
@@ -27,7 +27,7 @@ def _fake_extract(calls):
 
 def test_adm_reference_batch_uses_precomputed_stats_and_arr_0_for_pr(tmp_path):
     path = tmp_path / "VIRTUAL_test.npz"
-    np.savez(path, arr_0=smooth_images(5, 8, 0), mu=np.ones(6), sigma=np.eye(6), mu_s=np.zeros(3), sigma_s=np.eye(3))
+    np.savez(path, arr_0=photo_crops(5, 8, 0), mu=np.ones(6), sigma=np.eye(6), mu_s=np.zeros(3), sigma_s=np.eye(3))
     ref = load_reference(path, need={"pool", "spatial"}, extract=_never, mode="legacy_tensorflow")
     assert ref.kind == "adm_ref_batch" and "ADM" in ref.mode
     np.testing.assert_array_equal(ref.pool.mu, np.ones(6))
@@ -61,7 +61,7 @@ def test_own_stats_record_their_mode(tmp_path):
 
 
 def test_image_references_are_computed_once_per_content_and_mode(tmp_path):
-    np.savez(tmp_path / "imgs.npz", smooth_images(6, 8, 1))
+    np.savez(tmp_path / "imgs.npz", photo_crops(6, 8, 1))
     calls = []
     a = load_reference(tmp_path / "imgs.npz", need={"pool"}, extract=_fake_extract(calls), mode="pytorch_fid")
     b = load_reference(tmp_path / "imgs.npz", need={"pool"}, extract=_fake_extract(calls), mode="pytorch_fid")
@@ -69,7 +69,7 @@ def test_image_references_are_computed_once_per_content_and_mode(tmp_path):
     np.testing.assert_array_equal(a.pool.sigma, b.pool.sigma)
     load_reference(tmp_path / "imgs.npz", need={"pool"}, extract=_fake_extract(calls), mode="clean")
     assert len(calls) == 2  # another mode is another cache entry
-    np.savez(tmp_path / "imgs.npz", smooth_images(6, 8, 2))  # new content under the same name
+    np.savez(tmp_path / "imgs.npz", photo_crops(6, 8, 2))  # new content under the same name
     load_reference(tmp_path / "imgs.npz", need={"pool"}, extract=_fake_extract(calls), mode="pytorch_fid")
     assert len(calls) == 3
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metrics_fixtures import smooth_images, write_pngs
+from metrics_fixtures import photo_crops, write_pngs
 from uvit_cli.errors import UvitError
 from uvit_cli.metrics.evaluate import evaluate
 from uvit_cli.metrics.sample_store import parts_dir, read_samples_meta, sample_to_npz
@@ -19,7 +19,7 @@ def _all(src, bs=3):
 
 @pytest.mark.parametrize("compressed", [False, True])
 def test_npz_streams_arr_0_and_labels(tmp_path, compressed):
-    imgs = smooth_images(10, 12, 0)
+    imgs = photo_crops(10, 12, 0)
     path = tmp_path / "s.npz"
     (np.savez_compressed if compressed else np.savez)(path, imgs, np.arange(10) % 3)
     src = NpzSource(path)
@@ -31,7 +31,7 @@ def test_npz_streams_arr_0_and_labels(tmp_path, compressed):
 
 
 def test_folder_reads_sorted_rgb_and_gray(tmp_path):
-    imgs = smooth_images(5, 10, 1)
+    imgs = photo_crops(5, 10, 1)
     write_pngs(tmp_path / "f", imgs)
     np.testing.assert_array_equal(_all(FolderSource(tmp_path / "f")), imgs)
     Image.fromarray(imgs[0, ..., 0]).save(tmp_path / "f" / "99999.png")  # a gray PNG becomes RGB, as in pytorch-fid
@@ -54,7 +54,7 @@ def test_folder_reads_sorted_rgb_and_gray(tmp_path):
 ])
 def test_bad_npz_inputs_are_clear_errors(tmp_path, case, match):
     path = tmp_path / "bad.npz"
-    x = smooth_images(4, 8, 2)
+    x = photo_crops(4, 8, 2)
     if case == "nan":
         f = x.astype(np.float32)
         f[2, 3, 3, 1] = np.nan
@@ -81,11 +81,11 @@ def test_bad_folders_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UvitError, match="holds no images"):
         FolderSource(tmp_path / "empty")
-    write_pngs(tmp_path / "mixed", smooth_images(2, 8, 0))
-    Image.fromarray(smooth_images(1, 9, 0)[0]).save(tmp_path / "mixed" / "z.png")
+    write_pngs(tmp_path / "mixed", photo_crops(2, 8, 0))
+    Image.fromarray(photo_crops(1, 9, 0)[0]).save(tmp_path / "mixed" / "z.png")
     with pytest.raises(UvitError, match="share one resolution"):
         _all(FolderSource(tmp_path / "mixed"))
-    write_pngs(tmp_path / "broken", smooth_images(2, 8, 0))
+    write_pngs(tmp_path / "broken", photo_crops(2, 8, 0))
     (tmp_path / "broken" / "00001.png").write_bytes(b"\x89PNG truncated")
     with pytest.raises(UvitError, match="cannot read image .*00001.png"):
         _all(FolderSource(tmp_path / "broken"))
@@ -94,7 +94,7 @@ def test_bad_folders_are_clear_errors(tmp_path):
 
 
 def test_sample_counts_are_checked_before_scoring(tmp_path):
-    np.savez(tmp_path / "s.npz", smooth_images(3, 8, 0))
+    np.savez(tmp_path / "s.npz", photo_crops(3, 8, 0))
     with pytest.raises(UvitError, match="holds 3 images but 10"):
         evaluate(tmp_path / "s.npz", tmp_path / "s.npz", num_samples=10)
     with pytest.raises(UvitError, match="precision needs at least 4"):

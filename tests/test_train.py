@@ -255,3 +255,43 @@ def test_ema_update_and_warmup():
     assert ema_rate(0.9999, 0, warmup=False) == 0.9999            # official: constant from step 0
     assert ema_rate(0.9999, 0, warmup=True) == pytest.approx(0.1)  # warmed up: the init is forgotten fast
     assert ema_rate(0.999, 10_000, warmup=True) == 0.999
+
+
+def test_multi_node_options_pass_through_to_torchrun(tmp_path, monkeypatch, uvit):
+    """uvit train --nnodes N --node-rank R --master-addr HOST re-runs itself under torchrun with a static rendezvous
+    at HOST (the argv is captured, nothing is launched); one node stays --standalone."""
+    import uvit_cli.distributed as D
+
+    launched = []
+    monkeypatch.setattr(D.subprocess, "call", lambda cmd: launched.append(cmd) or 0)
+    run = tmp_path / "run"
+    args = ["train", "digits_uvit_tiny", "--nproc-per-node", "8", "--nnodes", "4", "--node-rank=2",
+            "--master-addr", "node0.cluster", "--master-port", "29555", "--run-dir", str(run), "--set",
+            "train.steps=3"]
+    monkeypatch.setattr(sys, "argv", ["uvit", *args])
+    assert uvit(*args).returncode == 0
+    cmd = launched[-1]
+    i = cmd.index("uvit_cli") - 1          # torchrun's own options end at `-m uvit_cli`
+    assert cmd[i - 10:i] == ["--nproc-per-node", "8", "--nnodes", "4", "--node-rank", "2", "--master-addr",
+                             "node0.cluster", "--master-port", "29555"]
+    assert cmd[i:] == ["-m", "uvit_cli", "train", "digits_uvit_tiny", "--run-dir", str(run), "--set", "train.steps=3"]
+    assert "--standalone" not in cmd
+
+    # one node: standalone, and a new run directory chosen once for every rank
+    args = ["train", "digits_uvit_tiny", "--nproc-per-node", "2", "--runs", str(tmp_path / "runs")]
+    monkeypatch.setattr(sys, "argv", ["uvit", *args])
+    assert uvit(*args).returncode == 0
+    cmd = launched[-1]
+    assert cmd[cmd.index("--nnodes"):cmd.index("uvit_cli") - 1] == ["--nnodes", "1", "--standalone"]
+    assert cmd[-2:] == ["--run-dir", str(tmp_path / "runs" / "00000-digits-U-ViT-Tiny2")]
+
+    # the mistakes: several nodes without a shared run directory, without node 0's address, a rank out of range
+    for bad, msg in ((["--nnodes", "2", "--master-addr", "h"], "pass --run-dir"),
+                     (["--nnodes", "2", "--run-dir", str(run)], "needs --master-addr"),
+                     (["--nnodes", "2", "--node-rank", "2", "--master-addr", "h", "--run-dir", str(run)],
+                      "node ranks are 0..1")):
+        args = ["train", "digits_uvit_tiny", *bad]
+        monkeypatch.setattr(sys, "argv", ["uvit", *args])
+        res = uvit(*args)
+        assert res.returncode == 2 and msg in res.stderr, res.stderr
+    assert len(launched) == 2

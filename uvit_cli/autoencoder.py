@@ -203,14 +203,14 @@ def _weights_in(d: Path) -> Path | None:
     return next((d / n for n in WEIGHT_NAMES if (d / n).is_file()), None)
 
 
-def _split_spec(spec: str) -> tuple[str, str | None]:
+def split_spec(spec: str) -> tuple[str, str | None]:
     """"org/name:subfolder" -> ("org/name", "subfolder"); a hub id has exactly one slash."""
     repo, _, sub = spec.partition(":")
     return repo, (sub or None)
 
 
 def _resolve_hub(spec: str, allow: bool) -> Path:
-    repo, sub = _split_spec(spec)
+    repo, sub = split_spec(spec)
     if repo.count("/") != 1:
         raise UvitError(f"--vae {spec!r} is neither an existing path nor a hub id like stabilityai/sd-vae-ft-ema "
                         "(or CompVis/stable-diffusion-v1-4:vae for a subfolder); check the path")

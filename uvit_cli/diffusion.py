@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .runtime import to_device
+
 Number = float | torch.Tensor
 
 
@@ -27,8 +29,9 @@ def _as_f64(t: Number) -> torch.Tensor:
 
 
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A (B,) or scalar coefficient shaped to multiply x (B, ...), in x's dtype and device."""
-    v = v.to(device=x.device, dtype=x.dtype)
+    """A (B,) or scalar coefficient shaped to multiply x (B, ...), in x's dtype and device (cast first, so a float64
+    coefficient computed on the CPU reaches the device as x's dtype)."""
+    v = to_device(v, x.device, x.dtype)
     return v.reshape(-1, *([1] * (x.dim() - 1))) if v.dim() else v
 
 
@@ -87,9 +90,12 @@ class NoiseSchedule:
         return _bcast(self.marginal_alpha(t), x0) * x0 + _bcast(self.marginal_sigma(t), x0) * noise
 
     def training_inputs(self, x0: torch.Tensor, u: torch.Tensor, noise: torch.Tensor):
-        """(x_t, network time) for given uniform time draws u (B,) and noise: what the training loop feeds the net."""
-        t, t_net = self.times_from_uniform(u.to(x0.device))
-        return self.q_sample(x0, t, noise), t_net
+        """(x_t, network time) for given uniform time draws u (B,) and noise: what the training loop feeds the net.
+
+        The times and coefficients are computed in float64 on the CPU (u stays there; it is B numbers) and reach
+        x0's device as float32, so no device needs float64 (Apple MPS has none)."""
+        t, t_net = self.times_from_uniform(u.detach().cpu())
+        return self.q_sample(x0, t, noise), to_device(t_net, x0.device)
 
     def loss(self, net, x0: torch.Tensor, y, u: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The training loss: per-sample noise-prediction MSE (B,), mean over C, H, W (official ``LSimple``).

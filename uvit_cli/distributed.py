@@ -16,6 +16,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from .errors import UvitError
 from .runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -88,13 +89,28 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def launch_torchrun(nproc: int, args: list[str], nnodes: int = 1) -> int:
-    """Re-run this command under torchrun with ``nproc`` processes per node; returns torchrun's exit status."""
+def torchrun_command(nproc: int, args: list[str], nnodes: int = 1, node_rank: int = 0,
+                     master_addr: str | None = None, master_port: int = 29500) -> list[str]:
+    """The torchrun argv that re-runs ``uvit ARGS`` with ``nproc`` processes on each of ``nnodes`` nodes: one node is
+    ``--standalone``; several use a static rendezvous at ``master_addr:master_port`` with this node's rank."""
+    if nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise UvitError(f"--node-rank {node_rank} is not a node of --nnodes {nnodes}; node ranks are 0..{nnodes - 1}")
+    if nnodes > 1 and not master_addr:
+        raise UvitError(f"--nnodes {nnodes} needs --master-addr HOST: the address of node 0, which every node can "
+                        "reach (under SLURM: the first host of $SLURM_JOB_NODELIST)")
     torchrun = shutil.which("torchrun")
     cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"])
     cmd += ["--nproc-per-node", str(nproc), "--nnodes", str(nnodes)]
     if nnodes == 1:
         cmd += ["--standalone"]
-    cmd += ["-m", "uvit_cli", *args]
+    else:
+        cmd += ["--node-rank", str(node_rank), "--master-addr", str(master_addr), "--master-port", str(master_port)]
+    return [*cmd, "-m", "uvit_cli", *args]
+
+
+def launch_torchrun(nproc: int, args: list[str], nnodes: int = 1, node_rank: int = 0,
+                    master_addr: str | None = None, master_port: int = 29500) -> int:
+    """Re-run this command under torchrun (see :func:`torchrun_command`); returns torchrun's exit status."""
+    cmd = torchrun_command(nproc, args, nnodes, node_rank, master_addr, master_port)
     log.info("launching: %s", " ".join(cmd))
     return subprocess.call(cmd)

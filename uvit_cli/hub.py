@@ -12,7 +12,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from huggingface_hub import constants, hf_hub_download
+from huggingface_hub import HfApi, constants, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
 from .errors import UvitError
@@ -74,3 +74,28 @@ def missing_message(spec: str, what: str, local_hint: str) -> str:
     """The one-line error for hub weights that are not in the local cache."""
     return (f"{what} {spec!r} is not in the local Hugging Face cache ({hub_cache_dir()}); {local_hint}, "
             f"or allow the download with --allow-download (or {ALLOW_ENV}=1)")
+
+
+def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, dry_run: bool = False,
+                api=None) -> list[str]:
+    """Upload a folder (an export) to a Hub model repo, creating the repo if needed; returns the files sent.
+
+    ``dry_run`` lists them and contacts nothing. The token is huggingface_hub's own (``HF_TOKEN`` or
+    ``huggingface-cli login``); ``api`` stands in for ``HfApi()`` in tests."""
+    folder = Path(folder)
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise UvitError(f"--push-to-hub {repo_id!r}: a Hub repo id is OWNER/NAME, e.g. my-name/uvit-h2-imagenet256")
+    if dry_run:
+        return files
+    api = HfApi() if api is None else api
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                          commit_message="uvit export")
+    except Exception as e:  # noqa: BLE001 - network, auth, permissions: all mean "not pushed"
+        raise UvitError(f"could not push {folder} to {repo_id} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); log in with `huggingface-cli login` or set "
+                        "HF_TOKEN, and check the repo name") from None
+    log.info("pushed %d files to https://huggingface.co/%s", len(files), repo_id)
+    return files

@@ -39,6 +39,8 @@ Formulation = Literal["vp", "discrete"]                     # build.build_schedu
 EvalMode = Literal["pytorch_fid", "clean", "legacy_tensorflow", "digits"]  # metrics/features.MODES (+ digits)
 Metric = Literal["fid", "sfid", "is", "precision", "recall", "fd_digits", "acc_digits"]  # metrics/evaluate
 Weights = Literal["ema", "raw"]                             # which weights of a run directory
+Tracker = Literal["jsonl", "tensorboard", "wandb"]     # experiment trackers (tracking.TRACKERS); jsonl always on
+ExportFormat = Literal["diffusers", "safetensors"]       # uvit export --format (export.EXPORTERS)
 DataName = Literal["digits", "cifar10", "celeba64", "imagenet64", "folder", "latents"]
 
 
@@ -121,6 +123,8 @@ class TrainConfig:
     save_every: int = 5000              # steps between full training-state checkpoints
     keep_last: int = 3                  # training-state checkpoints kept
     eval_every: int = 0                 # steps between monitor FIDs (0: off)
+    log_to: tuple[Tracker, ...] = ("jsonl",)  # trackers: metrics.jsonl always, plus tensorboard / wandb (pip extras uvit[tensorboard], uvit[wandb])
+    wandb_project: str = "uvit"         # wandb project (log_to: wandb; WANDB_MODE=offline logs without a network)
 
 
 @dataclass(frozen=True)

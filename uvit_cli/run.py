@@ -19,10 +19,13 @@ METRICS = "metrics.jsonl"            # one JSON record per logged step
 SAMPLES = "samples"                  # EMA sample grids, samples/step-00001000.png
 AMENDMENTS = "amendments.jsonl"      # settings a resumed run changed, with the step they apply from
 RUN_TEXT_ENCODER = "text_encoder"    # a copy of a built-in text tower the run trained with (open_clip folder)
+TENSORBOARD = "tensorboard"          # TensorBoard event files (train.log_to: tensorboard)
+WANDB_ID = "wandb_id.txt"            # the wandb run id, so a resumed training run resumes its wandb run
 
 # Fields a resumed run may change: how long it runs, how often it logs, samples, saves and evaluates.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.sample_every", "train.save_every", "train.keep_last",
-                     "train.eval_every", "data.num_workers", "data.latents", "data.source"}
+                     "train.eval_every", "train.log_to", "train.wandb_project", "data.num_workers", "data.latents",
+                     "data.source"}
 
 
 def run_name(recipe: Recipe, index: int) -> str:

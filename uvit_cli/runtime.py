@@ -71,6 +71,15 @@ def check_precision(device: torch.device | str, precision: str) -> None:
     dev = torch.device(device)
     if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UvitError(f"--precision bf16: {torch.cuda.get_device_name(dev)} has no bfloat16; use fp16 or fp32")
+    if precision == "bf16" and dev.type == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
+        raise UvitError("--precision bf16: Apple's Metal backend has bfloat16 from macOS 14 on; use fp16 or fp32, "
+                        "or update macOS")
+
+
+def to_device(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``t`` as ``dtype`` on ``device``, cast before it moves: float64 arithmetic stays on the CPU, so a device
+    without float64 (Apple MPS) never receives one (the diffusion schedules compute in float64)."""
+    return t.to(dtype=dtype).to(device=device)
 
 
 def autocast(device: torch.device | str, precision: str):

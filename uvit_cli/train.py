@@ -31,10 +31,11 @@ from .generate import generate
 from .metrics.model_eval import monitor_record
 from .outputs import save_grid
 from .recipe import Recipe, dump_recipe
-from .run import (AMENDMENTS, METRICS, RUN_EMA, RUN_RAW, RUN_RECIPE, RUN_TEXT_ENCODER, SAMPLES, MetricsLog,
-                  amend_recipe, read_metrics)
+from .run import (AMENDMENTS, METRICS, RUN_EMA, RUN_RAW, RUN_RECIPE, RUN_TEXT_ENCODER, SAMPLES, amend_recipe,
+                  read_metrics)
+from .runtime import autocast, check_precision, graceful_stop
 from .text import BUILTIN_PREFIX, builtin_tower_dir
-from .runtime import autocast, graceful_stop
+from .tracking import Trackers, check_trackers
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +144,11 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
     """Train ``recipe`` into ``run_dir`` (resuming from its last checkpoint when ``resume``); returns run_dir.
 
     ``progress(step, total, info)`` is called after every step (info holds the last logged metrics)."""
-    dev = dist.init(device)
-    world, rank, main = dist.world_size(), dist.rank(), dist.is_main()
     t = recipe.train
+    check_trackers(t.log_to)  # a missing optional package fails before any work, on every rank
+    dev = dist.init(device)
+    check_precision(dev, t.precision)
+    world, rank, main = dist.world_size(), dist.rank(), dist.is_main()
     if t.batch_size % (world * t.grad_accum):
         raise UvitError(f"train.batch_size {t.batch_size} does not split over {world} ranks x {t.grad_accum} "
                         "accumulation steps; pick a batch size divisible by their product")
@@ -184,114 +187,123 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
         done = max((m.get("step", 0) for m in read_metrics(run_dir)), default=0)
         log.warning("%s has no checkpoint to resume from (the last run stopped at step %d, before its first save "
                     "every %d steps): training starts again from step 0", run_dir, done, t.save_every)
-
-    # Run directory: the resolved recipe before step 0.
     if start > t.steps:   # every rank knows: all stop together
         raise UvitError(f"{run_dir} is already at step {start}: train.steps={t.steps} would train nothing and "
                         f"cannot undo steps; pass train.steps > {start} to continue it, or sample the run as it is")
+
+    # Run directory: the resolved recipe before step 0 (a resume records what it changed); metrics.jsonl and the
+    # train.log_to trackers on rank 0.
+    trackers = None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         for key in amend_recipe(run_dir, recipe, start):
             log.warning("resumed with a changed setting: %s from step %d (recorded in %s)", key, start, AMENDMENTS)
         keep_builtin_text_encoder(recipe, run_dir)
-        metrics = MetricsLog(run_dir, resume_step=start)
+        trackers = Trackers(run_dir, recipe, resume_step=start)
     dist.barrier()
+    try:
+        micro = t.batch_size // world // t.grad_accum
+        batches = StreamBatches(t.batch_size, world, rank, t.grad_accum, start, t.steps)
+        loader = DataLoader(stream, batch_sampler=batches,
+                            num_workers=recipe.data.num_workers if recipe.data.name != "digits" else 0,
+                            pin_memory=dev.type == "cuda", persistent_workers=False)
+        net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None) if world > 1 else model
+        if t.compile:
+            net = torch.compile(net)
+        log.info("training %s for %d steps from step %d: global batch %d = %d ranks x %d accum x %d", recipe.name,
+                 t.steps, start, t.batch_size, world, t.grad_accum, micro)
 
-    micro = t.batch_size // world // t.grad_accum
-    loader = DataLoader(stream, batch_sampler=StreamBatches(t.batch_size, world, rank, t.grad_accum, start, t.steps),
-                        num_workers=recipe.data.num_workers if recipe.data.name != "digits" else 0,
-                        pin_memory=dev.type == "cuda", persistent_workers=False)
-    net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None) if world > 1 else model
-    if t.compile:
-        net = torch.compile(net)
-    log.info("training %s for %d steps from step %d: global batch %d = %d ranks x %d accum x %d", recipe.name,
-             t.steps, start, t.batch_size, world, t.grad_accum, micro)
+        def checkpoint(step: int) -> None:
+            rngs = [_rng_state()]
+            if world > 1:
+                rngs = [None] * world
+                torch.distributed.all_gather_object(rngs, _rng_state())
+            if main:
+                save_state(run_dir, step, {"step": step, "model": model.state_dict(), "ema": ema.state_dict(),
+                                           "optimizer": opt.state_dict(), "scheduler": lr_schedule.state_dict(),
+                                           "scaler": scaler.state_dict(), "rng": rngs, "world_size": world,
+                                           "recipe": dump_recipe(recipe)}, t.keep_last)
+                yaml = dump_recipe(recipe)
+                save_weights(run_dir / RUN_EMA, ema.state_dict(), yaml, step=step, weights="ema")
+                save_weights(run_dir / RUN_RAW, model.state_dict(), yaml, step=step, weights="raw")
+            dist.barrier()
 
-    def checkpoint(step: int) -> None:
-        rngs = [_rng_state()]
-        if world > 1:
-            rngs = [None] * world
-            torch.distributed.all_gather_object(rngs, _rng_state())
-        if main:
-            save_state(run_dir, step, {"step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                                       "optimizer": opt.state_dict(), "scheduler": lr_schedule.state_dict(),
-                                       "scaler": scaler.state_dict(), "rng": rngs, "world_size": world,
-                                       "recipe": dump_recipe(recipe)}, t.keep_last)
-            yaml = dump_recipe(recipe)
-            save_weights(run_dir / RUN_EMA, ema.state_dict(), yaml, step=step, weights="ema")
-            save_weights(run_dir / RUN_RAW, model.state_dict(), yaml, step=step, weights="raw")
-        dist.barrier()
+        it, grid_cache, monitor_ok = iter(loader), {}, True
+        model.train()
+        window_loss = torch.zeros((), device=dev)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
+        window_steps, window_start, info = 0, time.perf_counter(), {}
+        with graceful_stop() as stop:
+            for step in range(start, t.steps):
+                # Accumulate gradients.
+                for a in range(t.grad_accum):
+                    batch = next(it)
+                    x0, noise = (batch[k].to(dev, non_blocking=True) for k in ("x0", "noise"))
+                    u = batch["u"]  # the time draws stay on the CPU: the schedule's float64 math runs there
+                    y = batch["y"].to(dev, non_blocking=True) if model.num_classes or model.text_dim else None
+                    y = apply_drop(y, batch["drop"].to(dev), null)
+                    sync = a == t.grad_accum - 1 or world == 1
+                    with (nullcontext() if sync else net.no_sync()), autocast(dev, t.precision):
+                        loss = diffusion.loss(net, x0, y, u, noise).mean()
+                    scaler.scale(loss / t.grad_accum).backward()
+                    window_loss += loss.detach() / t.grad_accum
+                    nonfinite |= ~torch.isfinite(loss.detach())
 
-    it, grid_cache, monitor_ok = iter(loader), {}, True
-    model.train()
-    window_loss = torch.zeros((), device=dev)
-    nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
-    window_steps, window_start, info = 0, time.perf_counter(), {}
-    with graceful_stop() as stop:
-        for step in range(start, t.steps):
-            # Accumulate gradients.
-            for a in range(t.grad_accum):
-                batch = next(it)
-                x0, u, noise = (batch[k].to(dev, non_blocking=True) for k in ("x0", "u", "noise"))
-                y = batch["y"].to(dev, non_blocking=True) if model.num_classes or model.text_dim else None
-                y = apply_drop(y, batch["drop"].to(dev), null)
-                sync = a == t.grad_accum - 1 or world == 1
-                with (nullcontext() if sync else net.no_sync()), autocast(dev, t.precision):
-                    loss = diffusion.loss(net, x0, y, u, noise).mean()
-                scaler.scale(loss / t.grad_accum).backward()
-                window_loss += loss.detach() / t.grad_accum
-                nonfinite |= ~torch.isfinite(loss.detach())
+                # Update weights.
+                grad_norm, lr = optimizer_step(model, opt, lr_schedule, scaler, t.grad_clip)
 
-            # Update weights.
-            grad_norm, lr = optimizer_step(model, opt, lr_schedule, scaler, t.grad_clip)
+                # Update EMA.
+                update_ema(ema, model, ema_rate(t.ema_rate, step, t.ema_warmup))
+                window_steps += 1
+                done = step + 1
 
-            # Update EMA.
-            update_ema(ema, model, ema_rate(t.ema_rate, step, t.ema_warmup))
-            window_steps += 1
-            done = step + 1
+                # Log (and stop on a non-finite loss, keeping the last good checkpoint).
+                if done % t.log_every == 0 or done == t.steps:
+                    if t.precision != "fp16" and bool(dist.all_reduce_mean(nonfinite.float()) > 0):
+                        raise UvitError(f"the loss became NaN or inf before step {done}; stopping without saving. The "
+                                        f"last good checkpoint is kept in {run_dir}/checkpoints. Lower train.lr, set "
+                                        "train.grad_clip, or train in bf16")
+                    elapsed = time.perf_counter() - window_start
+                    info = {"step": done, "loss": float(dist.all_reduce_mean(window_loss) / window_steps), "lr": lr,
+                            "grad_norm": float(grad_norm), "img_per_s": window_steps * t.batch_size / elapsed,
+                            "peak_mem_gb": _peak_memory_gb(dev), "time": time.time()}
+                    if t.precision == "fp16":
+                        info["loss_scale"] = scaler.get_scale()
+                    if main:
+                        trackers.log(info)
+                    window_loss.zero_()
+                    window_steps, window_start = 0, time.perf_counter()
 
-            # Log (and stop on a non-finite loss, keeping the last good checkpoint).
-            if done % t.log_every == 0 or done == t.steps:
-                if t.precision != "fp16" and bool(dist.all_reduce_mean(nonfinite.float()) > 0):
-                    raise UvitError(f"the loss became NaN or inf before step {done}; stopping without saving. The last "
-                                    f"good checkpoint is kept in {run_dir}/checkpoints. Lower train.lr, set "
-                                    "train.grad_clip, or train in bf16")
-                elapsed = time.perf_counter() - window_start
-                info = {"step": done, "loss": float(dist.all_reduce_mean(window_loss) / window_steps), "lr": lr,
-                        "grad_norm": float(grad_norm), "img_per_s": window_steps * t.batch_size / elapsed,
-                        "peak_mem_gb": _peak_memory_gb(dev), "time": time.time()}
-                if t.precision == "fp16":
-                    info["loss_scale"] = scaler.get_scale()
-                if main:
-                    metrics.write(info)
-                window_loss.zero_()
-                window_steps, window_start = 0, time.perf_counter()
-
-            # Save a checkpoint; draw a sample grid; run the monitor evaluation.
-            if done % t.save_every == 0 or done == t.steps:
-                checkpoint(done)
-            if main and t.sample_every and (done % t.sample_every == 0 or done == t.steps):
-                _sample_grid(ema, recipe, run_dir, done, dev, source, grid_cache)
-            if main and t.eval_every and done % t.eval_every == 0 and monitor_ok:
-                record = monitor_record(ema, recipe, dev)
-                monitor_ok = record is not None
-                if record:
-                    metrics.write({"step": done, **record})
-            if progress is not None:
-                progress(done, t.steps, info)
-
-            # Stop cleanly on Ctrl-C / SIGTERM: every rank stops at the same step, with a checkpoint of it.
-            if dist.any_rank(stop.requested, dev):
-                if done % t.save_every and done != t.steps:
+                # Save a checkpoint; draw a sample grid; run the monitor evaluation.
+                if done % t.save_every == 0 or done == t.steps:
                     checkpoint(done)
-                raise Interrupted(f"training stopped by {stop.signal_name or 'a signal on another rank'} at step "
-                                  f"{done} of {t.steps}; kept the training state {state_path(run_dir, done)} and the "
-                                  f"weights {run_dir / RUN_EMA}. Resume with: uvit train {run_dir / RUN_RECIPE} "
-                                  f"--run-dir {run_dir}")
+                if main and t.sample_every and (done % t.sample_every == 0 or done == t.steps):
+                    grid = _sample_grid(ema, recipe, run_dir, done, dev, source, grid_cache)
+                    if grid is not None:
+                        trackers.image(done, "samples/ema_grid", grid)
+                if main and t.eval_every and done % t.eval_every == 0 and monitor_ok:
+                    record = monitor_record(ema, recipe, dev)
+                    monitor_ok = record is not None
+                    if record:
+                        trackers.log({"step": done, **record})
+                if progress is not None:
+                    progress(done, t.steps, info)
+
+                # Stop cleanly on Ctrl-C / SIGTERM: every rank stops at the same step, with a checkpoint of it.
+                if dist.any_rank(stop.requested, dev):
+                    if done % t.save_every and done != t.steps:
+                        checkpoint(done)
+                    raise Interrupted(f"training stopped by {stop.signal_name or 'a signal on another rank'} at step "
+                                      f"{done} of {t.steps}; kept the training state {state_path(run_dir, done)} and "
+                                      f"the weights {run_dir / RUN_EMA}. Resume with: uvit train "
+                                      f"{run_dir / RUN_RECIPE} --run-dir {run_dir}")
 
 
-    if start >= t.steps and main:
-        log.info("nothing to do: the run already reached %d steps", t.steps)
+        if start >= t.steps and main:
+            log.info("nothing to do: the run already reached %d steps", t.steps)
+    finally:
+        if trackers is not None:
+            trackers.close()
     return run_dir
 
 
@@ -325,10 +337,12 @@ def training_grid(ema, recipe: Recipe, path: Path, device, source, cache: dict) 
     return save_grid(images, path, labels=labels, ncols=min(n, 10 if m.num_classes <= 10 else 8))
 
 
-def _sample_grid(ema, recipe: Recipe, run_dir: Path, step: int, device, source, cache: dict) -> None:
-    """Draw the training grid; never fatal (a missing VAE only skips it, with a warning)."""
+def _sample_grid(ema, recipe: Recipe, run_dir: Path, step: int, device, source, cache: dict) -> Path | None:
+    """Draw the training grid (its path); never fatal (a missing VAE only skips it, with a warning: None)."""
     try:
         path = training_grid(ema, recipe, run_dir / SAMPLES / f"step-{step:08d}.png", device, source, cache)
         log.info("sample grid: %s", path)
+        return path
     except UvitError as e:
         log.warning("no sample grid at step %d: %s", step, e)
+        return None

@@ -55,7 +55,7 @@ def bench_train(recipe: Recipe, *, batch: int, precision: str = "fp32", compile:
     x0, _, y = example_inputs(model, batch, device=dev)
     if y is not None and y.dtype == torch.long:
         y = torch.randint(model.num_classes, (batch,), device=dev)
-    noise, u = torch.randn_like(x0), torch.rand(batch, device=dev)
+    noise, u = torch.randn_like(x0), torch.rand(batch)  # u on the CPU, as the training stream gives it
     t = recipe.train
 
     def step():

@@ -10,7 +10,7 @@ import threading
 from rich.markup import escape
 
 from ..errors import Interrupted, UvitError
-from . import ablate, bench, encode, fid, recipes, sample, train  # noqa: F401 - each registers its commands
+from . import ablate, bench, encode, export, fid, recipes, sample, train  # noqa: F401 - each registers its commands
 from .app import app, err_console
 
 __all__ = ["app", "main"]

@@ -31,6 +31,15 @@ DeviceOption = typer.Option("auto", "--device", help="auto (CUDA, then Apple MPS
 VerboseOption = typer.Option(False, "--verbose", "-v", help="debug logging")
 NprocOption = typer.Option(1, "--nproc-per-node", min=1, help="launch this many processes with torchrun (NCCL on "
                            "GPUs, gloo on CPU)", rich_help_panel=PERF)
+NnodesOption = typer.Option(1, "--nnodes", min=1, help="nodes in the job (torchrun --nnodes); with more than one, "
+                            "run the same command on every node with its --node-rank", rich_help_panel=PERF)
+NodeRankOption = typer.Option(0, "--node-rank", min=0, help="this node's rank, 0..nnodes-1 (SLURM: $SLURM_NODEID)",
+                              rich_help_panel=PERF)
+MasterAddrOption = typer.Option(None, "--master-addr", help="address of node 0, reachable from every node (SLURM: the "
+                                "first host of $SLURM_JOB_NODELIST)", rich_help_panel=PERF)
+MasterPortOption = typer.Option(29500, "--master-port", help="a free TCP port on node 0 for the rendezvous",
+                                rich_help_panel=PERF)
+LAUNCH_OPTIONS = ("--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port")  # not passed on
 WeightsOption = typer.Option(WeightsChoice.ema, "--weights", help="which weights of a run directory: ema (the "
                              "paper protocol) or raw")
 

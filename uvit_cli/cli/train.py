@@ -14,7 +14,8 @@ from ..files import prepare_output
 from ..recipe import dump_recipe, load_recipe
 from ..run import RUN_RECIPE, check_resume_compatible, latest_run, new_run_dir
 from .app import app, console, setup_logging
-from .options import DeviceOption, NprocOption, SetOption, VerboseOption, strip_option
+from .options import (LAUNCH_OPTIONS, DeviceOption, MasterAddrOption, MasterPortOption, NnodesOption, NodeRankOption,
+                      NprocOption, SetOption, VerboseOption, strip_option)
 from .progress import progress_bar
 
 
@@ -32,6 +33,10 @@ def train_cmd(
                                    rich_help_panel="I/O"),
     device: str = DeviceOption,
     nproc_per_node: int = NprocOption,
+    nnodes: int = NnodesOption,
+    node_rank: int = NodeRankOption,
+    master_addr: Optional[str] = MasterAddrOption,
+    master_port: int = MasterPortOption,
     verbose: bool = VerboseOption,
 ) -> None:
     """Train a U-ViT from a recipe.
@@ -40,18 +45,25 @@ def train_cmd(
       uvit train recipes/digits_uvit_tiny.yaml
       uvit train coco_uvit_s_deep --set train.batch_size=128 --run-dir runs/coco
       torchrun --nproc-per-node 8 -m uvit_cli train imagenet256_uvit_h2   (or: uvit train ... --nproc-per-node 8)
+      uvit train imagenet256_uvit_h2 --run-dir runs/h2 --nproc-per-node 8 --nnodes 2 --node-rank 0 --master-addr node0
     """
     from .. import checkpoint, distributed, runtime, train  # deferred: loads torch (cli/app.py)
 
     setup_logging(verbose)
     recipe = load_recipe(recipe_path, overrides)
     in_torchrun = "LOCAL_RANK" in os.environ
-    if nproc_per_node > 1 and not in_torchrun:
-        args = strip_option(sys.argv[1:], "--nproc-per-node")
+    if (nproc_per_node > 1 or nnodes > 1) and not in_torchrun:
+        args = sys.argv[1:]
+        for name in LAUNCH_OPTIONS:
+            args = strip_option(args, name)
         if run_dir is None and not dry_run:  # every rank must agree on one directory
+            if nnodes > 1:  # numbering on each node could disagree: the job names its directory
+                raise UvitError(f"--nnodes {nnodes}: pass --run-dir DIR (on a file system every node shares) so "
+                                "that all nodes write one run")
             args += ["--run-dir", str(new_run_dir(runs_root, recipe) if not resume else
                                       (latest_run(runs_root, recipe.name) or new_run_dir(runs_root, recipe)))]
-        raise typer.Exit(distributed.launch_torchrun(nproc_per_node, args))
+        raise typer.Exit(distributed.launch_torchrun(nproc_per_node, args, nnodes, node_rank, master_addr,
+                                                     master_port))
 
     # Pick the run directory and decide whether this is a resume.
     if run_dir is None:

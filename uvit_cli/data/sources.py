@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import UvitError
 from ..files import IMAGE_SUFFIXES
@@ -61,12 +61,13 @@ def to_rgb(img) -> tuple[object, str]:
     return img.convert("RGB"), mode
 
 
-def open_image(fp) -> tuple[object, str]:
-    """Decode an image file (path or file object) fully; BadImage when it is truncated or corrupt."""
+def open_image(fp, orient: bool = False) -> tuple[object, str]:
+    """Decode an image file (path or file object) fully; BadImage when it is truncated or corrupt. ``orient``
+    turns the pixels upright by the EXIF orientation tag (as Hugging Face `datasets` decodes images)."""
     try:
         with Image.open(fp) as img:
             img.load()             # decode now: truncated files fail here, not later in a worker
-            return to_rgb(img)
+            return to_rgb(ImageOps.exif_transpose(img) if orient else img)
     except UnidentifiedImageError:
         raise BadImage("not a readable image") from None
     except Image.DecompressionBombError:
@@ -81,11 +82,14 @@ def open_image(fp) -> tuple[object, str]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 class FileSource:
-    """Images on disk: a list of paths with labels and captions."""
+    """Images on disk: a list of paths with labels and captions. ``orient``: apply the EXIF orientation (a folder
+    of the user's photos, like the same photos through `datasets`); ImageNet and COCO keep the stored pixels, as
+    the official pipelines decode them."""
 
     def __init__(self, kind: str, root: Path, paths: list[Path], labels: list[int] | None = None,
-                 captions: list[tuple[str, ...]] | None = None, class_names: list[str] | None = None):
-        self.kind, self.root, self.paths = kind, Path(root), paths
+                 captions: list[tuple[str, ...]] | None = None, class_names: list[str] | None = None,
+                 orient: bool = False):
+        self.kind, self.root, self.paths, self.orient = kind, Path(root), paths, orient
         self.labels, self.captions, self.class_names = labels, captions, class_names
         self.location = str(Path(root).resolve())   # absolute: a rerun from another directory still matches
 
@@ -105,7 +109,7 @@ class FileSource:
     def load(self, i: int):
         if not self.paths[i].is_file():
             raise BadImage("missing file")
-        return open_image(self.paths[i])
+        return open_image(self.paths[i], orient=self.orient)
 
 
 class HFSource:
@@ -326,7 +330,7 @@ def open_folder(source: str, condition: str = "auto", captions: str | None = Non
             labels = [names.index(t[0]) for t in top]
         elif condition == "class":
             raise UvitError(f"{root}: class labels come from sub-folders, but some images sit directly in {root}")
-    return FileSource("folder", root, paths, labels=labels, captions=caps, class_names=names)
+    return FileSource("folder", root, paths, labels=labels, captions=caps, class_names=names, orient=True)
 
 
 def open_source(kind: str, source: str, split: str = "train", allow_download: bool = False, **folder_kw):

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import UvitError
+from ..runtime import to_device
 
 K = 3
 BLOCK = 4096
@@ -21,7 +22,7 @@ BLOCK = 4096
 
 def _as_tensor(x, device) -> torch.Tensor:
     t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
-    return t.to(device=device, dtype=torch.float32)
+    return to_device(t, device)
 
 
 def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -64,4 +65,4 @@ def precision_recall(real, fake, k: int = K, block: int = BLOCK,
             d = squared_distances(real_t[r0:r0 + block], fake_t[c0:c0 + block])
             fake_in[c0:c0 + block] |= (d <= r_real[r0:r0 + block, None]).any(dim=0)
             real_in[r0:r0 + block] |= (d <= r_fake[None, c0:c0 + block]).any(dim=1)
-    return float(fake_in.double().mean()), float(real_in.double().mean())
+    return int(fake_in.sum()) / len(fake_t), int(real_in.sum()) / len(real_t)  # exact counts, no device float64
