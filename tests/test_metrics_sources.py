@@ -137,7 +137,7 @@ def test_sample_store_resumes_and_appears_only_when_complete(tmp_path):
     src = NpzSource(out)  # the streamed reader handles the zip64 member
     np.testing.assert_array_equal(_all(src, 8)[:, 1, 1, 2], np.arange(25))
     calls.clear()
-    assert sample_to_npz(out, 25, _maker(calls), meta=meta, chunk=10) == out and calls == []  # reused
+    assert sample_to_npz(out, 25, _maker(calls), meta=meta, chunk=10) == (out, []) and calls == []  # reused
     with pytest.raises(UvitError, match="another protocol.*guidance_w"):
         sample_to_npz(out, 25, _maker(calls), meta={**meta, "guidance_w": 2.0}, chunk=10)
 

@@ -15,8 +15,9 @@ __all__ = ["app", "main"]
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; a UvitError prints as one red line and exits with status 2, no traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=argv, standalone_mode=True)
+        app(args=argv, standalone_mode=True, obj={"argv": argv})   # obj: the arguments, for re-running under torchrun
     except UvitError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)

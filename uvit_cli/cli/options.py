@@ -4,6 +4,8 @@ the enums of every choice, derived from the recipe's types (uvit_cli/recipe.py).
 from __future__ import annotations
 
 import enum
+import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -106,6 +108,33 @@ def strip_option(args: list[str], name: str, takes_value: bool = True) -> list[s
             continue
         out.append(a)
     return out
+
+
+def command_args() -> list[str]:
+    """The arguments of the running `uvit` command (what main() was given), for re-running it under torchrun."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_root().obj if ctx is not None else None
+    return list(obj["argv"]) if isinstance(obj, dict) and "argv" in obj else sys.argv[1:]
+
+
+def in_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ
+
+
+def relaunch(nproc: int, extra: list[str] | None = None) -> None:
+    """With ``--nproc-per-node N`` > 1 outside torchrun: re-run this command under torchrun with N processes
+    (and ``extra`` arguments) and exit with its status; a failed rank is named with the way to resume."""
+    if nproc <= 1 or in_torchrun():
+        return
+    from .. import distributed  # deferred: loads torch (cli/app.py)
+
+    code = distributed.launch_torchrun(nproc, strip_option(command_args(), "--nproc-per-node") + list(extra or []))
+    if code:
+        raise UvitError(f"a process of the {nproc}-process job failed (torchrun exit status {code}; its error is "
+                        "above); finished work is kept: rerun the same command to continue")
+    raise typer.Exit(0)
 
 
 def existing_path(path: Optional[Path], option: str) -> Optional[Path]:

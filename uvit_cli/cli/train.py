@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -13,7 +12,7 @@ from ..errors import UvitError
 from ..recipe import dump_recipe, load_recipe
 from ..run import RUN_RECIPE, check_resume_compatible, latest_run, new_run_dir
 from .app import app, console, setup_logging
-from .options import DeviceOption, NprocOption, SetOption, VerboseOption, strip_option
+from .options import DeviceOption, NprocOption, SetOption, VerboseOption, in_torchrun, relaunch
 from .progress import progress_bar
 
 
@@ -44,13 +43,12 @@ def train_cmd(
 
     setup_logging(verbose)
     recipe = load_recipe(recipe_path, overrides)
-    in_torchrun = "LOCAL_RANK" in os.environ
-    if nproc_per_node > 1 and not in_torchrun:
-        args = strip_option(sys.argv[1:], "--nproc-per-node")
+    if nproc_per_node > 1 and not in_torchrun():
+        extra = []
         if run_dir is None and not dry_run:  # every rank must agree on one directory
-            args += ["--run-dir", str(new_run_dir(runs_root, recipe) if not resume else
+            extra = ["--run-dir", str(new_run_dir(runs_root, recipe) if not resume else
                                       (latest_run(runs_root, recipe.name) or new_run_dir(runs_root, recipe)))]
-        raise typer.Exit(distributed.launch_torchrun(nproc_per_node, args))
+        relaunch(nproc_per_node, extra)
 
     # Pick the run directory and decide whether this is a resume.
     if run_dir is None:
