@@ -35,6 +35,15 @@ def test_same_seed_same_image_whatever_the_batch_size():
     assert not torch.equal(a[0], a[1])  # different seeds, different images
 
 
+def test_unquantized_output_is_what_quantize_rounds():
+    r = class_recipe()
+    m = tiny_model(r)
+    cond = torch.tensor([1, 2, 3])
+    x = generate(m, r, [0, 1, 2], cond, quantized=False)
+    assert x.dtype == torch.float32 and x.shape == (3, 1, 8, 8)
+    assert torch.equal(quantize(x), generate(m, r, [0, 1, 2], cond))
+
+
 def test_sde_sampler_noise_is_per_seed_too():
     r = uncond_recipe()
     m = tiny_model(r)
