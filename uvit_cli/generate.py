@@ -22,7 +22,10 @@ from .runtime import check_precision
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FORWARD_BATCH = {"cpu": 4, "cuda": 32, "mps": 8}  # samples per network forward, per device type
+# Samples per network forward, per device type. CPU: 8, from `uvit bench --suite sample` (BENCHMARKS.md: the digits
+# model samples 1.2x faster at 8 than at 4, U-ViT-S/2 at 32 px is flat from 4 to 16). CUDA and MPS: not measured yet
+# (no GPU run of the sampling suite); 32 and 8 are guesses until one is made.
+DEFAULT_FORWARD_BATCH = {"cpu": 8, "cuda": 32, "mps": 8}
 
 
 def default_forward_batch(device) -> int:

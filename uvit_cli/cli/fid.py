@@ -13,7 +13,7 @@ from ..files import sha256_file, write_json
 from ..run import latest_run
 from .app import app, console, setup_logging
 from .options import (DeviceOption, NprocOption, PrecisionChoice, SetOption, VerboseOption, WeightsChoice,
-                      WeightsOption, precision_option, relaunch, value)
+                      WeightsOption, compile_option, forward_batch_option, precision_option, relaunch, value)
 from .progress import Counter, Stages, progress_bar
 
 MODE_HELP = ("feature pipeline: pytorch_fid (U-ViT's published numbers), clean (clean-fid), legacy_tensorflow "
@@ -79,11 +79,8 @@ def fid_cmd(
     precision: PrecisionChoice = precision_option("sampling precision (autocast)", SAMPLING),
     sample_batch_size: Optional[int] = typer.Option(None, "--sample-batch-size", min=1, help="samples per sampler "
                                                     "batch (default: sample.batch_size)", rich_help_panel=SAMPLING),
-    forward_batch: Optional[int] = typer.Option(None, "--forward-batch", min=1, help="samples per network forward "
-                                                "(default: the device type's); images depend on it in the last bits",
-                                                rich_help_panel=SAMPLING),
-    compile_: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the network for sampling",
-                                  rich_help_panel=SAMPLING),
+    forward_batch: Optional[int] = forward_batch_option(SAMPLING),
+    compile_: bool = compile_option(SAMPLING),
     captions: Optional[Path] = typer.Option(None, "--captions", help="text models: the encoded val cache "
                                             "(`uvit encode-latents coco --split val`) whose captions are drawn "
                                             "with the MS-COCO protocol; default: eval.captions",

@@ -37,6 +37,17 @@ WeightsOption = typer.Option(WeightsChoice.ema, "--weights", help="which weights
                              "paper protocol) or raw")
 
 
+def forward_batch_option(panel: str = PERF):
+    return typer.Option(None, "--forward-batch", min=1, help="samples per network forward (default: "
+                        "generate.DEFAULT_FORWARD_BATCH of the device type); images depend on it in the last bits",
+                        rich_help_panel=panel)
+
+
+def compile_option(panel: str = PERF):
+    return typer.Option(False, "--compile/--no-compile", help="torch.compile the network for sampling (images "
+                        "differ from eager ones in the last bits; BENCHMARKS.md)", rich_help_panel=panel)
+
+
 def precision_option(help: str, panel: str = PERF):
     return typer.Option(PrecisionChoice.fp32, "--precision", help=help, rich_help_panel=panel)
 

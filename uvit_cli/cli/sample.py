@@ -18,7 +18,8 @@ from ..errors import UvitError
 from ..files import sha256_file
 from .app import app, console, setup_logging
 from .options import (IO, PERF, DeviceOption, NprocOption, PrecisionChoice, SamplerChoice, SetOption, VerboseOption,
-                      WeightsChoice, WeightsOption, parse_seeds, precision_option, relaunch, sampling_overrides, value)
+                      WeightsChoice, WeightsOption, compile_option, forward_batch_option, parse_seeds,
+                      precision_option, relaunch, sampling_overrides, value)
 from .progress import Counter, progress_bar
 
 log = logging.getLogger("uvit_cli.sample")
@@ -125,11 +126,8 @@ def sample_cmd(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="samples per sampler batch "
                                              "(default: the recipe's); images do not depend on it",
                                              rich_help_panel=PERF),
-    forward_batch: Optional[int] = typer.Option(None, "--forward-batch", min=1, help="samples per network forward "
-                                                "(default: generate.DEFAULT_FORWARD_BATCH of the device type); images "
-                                                "depend on it in the last bits", rich_help_panel=PERF),
-    compile_: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the network (images "
-                                  "differ from eager ones in the last bits; BENCHMARKS.md)", rich_help_panel=PERF),
+    forward_batch: Optional[int] = forward_batch_option(),
+    compile_: bool = compile_option(),
     device: str = DeviceOption,
     nproc_per_node: int = NprocOption,
     precision: PrecisionChoice = precision_option("autocast precision of the network"),
