@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from uvit_cli.autoencoder import Autoencoder
 from uvit_cli.bench.encode import TINY_BENCH_VAE
-from uvit_cli.bench.sample import bench_guided_sampling, bench_vae_decode
+from uvit_cli.bench.sample import bench_guided_sampling, bench_sampling, bench_vae_decode, projected_wall_s
 from uvit_cli.bench.train import bench_train, use_naive_attention
 from uvit_cli.build import build_model
 from uvit_cli.cli import app, main
@@ -99,3 +99,45 @@ def test_bench_guided_sampling_runs_both_paths_at_equal_nfe():
     assert r["speedup"] == pytest.approx(r["baseline_s"] / r["fast_s"])
     assert len(r["runs"]["baseline"]) == 2 and r["baseline_s"] == pytest.approx(sum(r["runs"]["baseline"]) / 2)
     assert r["eps_rel_err"] < 0.05 and r["sample_rel_err"] < 0.05  # bf16: a few x 2^-8
+
+
+def test_bench_sampling_times_the_recipes_protocol_at_each_forward_batch():
+    recipe = class_recipe(steps=3)
+    r = bench_sampling(recipe, forward_batches=[2, 4], precisions=("fp32", "bf16"), repeats=2)
+    rows = r["rows"]
+    assert [(x["precision"], x["forward_batch"]) for x in rows] == [("fp32", 2), ("fp32", 4), ("bf16", 2),
+                                                                   ("bf16", 4)]
+    for x in rows:
+        assert x["samples"] == 4 and x["nfe"] == 3 and x["cfg_scale"] == 2.0 and x["sampler"] == "dpm_solver"
+        assert x["img_per_s"] == pytest.approx(4 / x["sec_per_step"]) and len(x["runs"]) == 2
+    assert [a["precision"] for a in r["agreement"]] == ["bf16"]
+    assert 0 < r["agreement"][0]["sample_rel_err"] < 0.1          # bf16 against fp32 on the same seeds
+    p = r["projection"]
+    assert p["num_samples"] == recipe.eval.num_samples
+    assert p["best"]["img_per_s"] == max(x["img_per_s"] for x in rows)
+    assert p["default"]["wall_s"][1] == pytest.approx(projected_wall_s(p["num_samples"], p["default"]["img_per_s"], 1))
+
+
+def test_projected_wall_time_is_the_busiest_ranks_chunks():
+    assert projected_wall_s(50_000, 100.0, 1) == pytest.approx(500.0)          # 125 chunks of 400
+    assert projected_wall_s(50_000, 100.0, 8) == pytest.approx(16 * 400 / 100)  # 16 chunks on the busiest rank
+    assert projected_wall_s(100, 10.0, 8) == pytest.approx(1.6)                 # one chunk of 16 each at most
+
+
+def test_bench_cli_sample_suite_on_a_checkpoint_writes_json(tmp_path):
+    from uvit_cli.checkpoint import save_weights
+    from uvit_cli.recipe import dump_recipe
+
+    from sampling_fixtures import tiny_model
+
+    recipe = class_recipe(steps=2)
+    ckpt = tmp_path / "m.safetensors"
+    save_weights(ckpt, tiny_model(recipe).state_dict(), dump_recipe(recipe))
+    res = runner.invoke(app, ["bench", str(ckpt), "--suite", "sample", "--device", "cpu", "--forward-batches", "2,4",
+                              "--precision", "fp32", "--repeats", "1", "--no-guided", "--json",
+                              str(tmp_path / "b.json")], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "sampling protocol of tiny_digits" in res.output and "given weights" in res.output
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert [x["forward_batch"] for x in data["sample_protocol"]["rows"]] == [2, 4]
+    assert "sample" not in data and "vae_decode" not in data                  # --no-guided on a pixel recipe

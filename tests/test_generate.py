@@ -12,7 +12,7 @@ from sampling_fixtures import (TINY, StubDecoder, StubTextEncoder, class_recipe,
 from uvit_cli.build import build_schedule, nfe_per_sample
 from uvit_cli.data.imagenet_classes import imagenet_class_id, imagenet_class_names
 from uvit_cli.errors import UvitError
-from uvit_cli.generate import generate, quantize
+from uvit_cli.generate import default_forward_batch, generate, quantize
 from uvit_cli.noise_predictor import NoisePredictor, cfg_combine
 from uvit_cli.outputs import save_grid, save_npz, save_pngs
 from uvit_cli.recipe import RecipeError, recipe_from_dict, replace
@@ -33,6 +33,15 @@ def test_same_seed_same_image_whatever_the_batch_size():
     assert a.shape == (7, 8, 8, 1) and a.dtype == torch.uint8
     assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a[3:4], alone)
     assert not torch.equal(a[0], a[1])  # different seeds, different images
+
+
+def test_unquantized_output_is_what_quantize_rounds():
+    r = class_recipe()
+    m = tiny_model(r)
+    cond = torch.tensor([1, 2, 3])
+    x = generate(m, r, [0, 1, 2], cond, quantized=False)
+    assert x.dtype == torch.float32 and x.shape == (3, 1, 8, 8)
+    assert torch.equal(quantize(x), generate(m, r, [0, 1, 2], cond))
 
 
 def test_sde_sampler_noise_is_per_seed_too():
@@ -77,7 +86,7 @@ def test_guided_forward_is_one_batched_call():
 def test_generate_reports_progress_in_nfe():
     r = class_recipe()
     seen = []
-    generate(tiny_model(r), r, list(range(10)), torch.arange(10) % 10, batch_size=4,
+    generate(tiny_model(r), r, list(range(10)), torch.arange(10) % 10, batch_size=4, forward_batch=4,
              progress=lambda d, t: seen.append((d, t)))
     assert seen[-1] == (nfe_per_sample(r) * 3, nfe_per_sample(r) * 3) and len(seen) == 18  # 3 batches x 6 NFE
 
@@ -90,7 +99,7 @@ def test_latent_text_model_decodes_and_guides_with_the_empty_prompt_context():
     a = generate(m, r, [1, 2, 3], ctx, decoder=dec, null_context=null, batch_size=1)
     b = generate(m, r, [1, 2, 3], ctx, decoder=dec, null_context=null, batch_size=3)
     assert a.shape == (3, 8, 8, 3) and torch.equal(a, b)
-    assert set(dec.calls) == {4}  # the decoder also sees fixed-size micro-batches
+    assert set(dec.calls) == {default_forward_batch("cpu")}  # the decoder also sees fixed-size micro-batches
     other = generate(m, r, [1, 2, 3], ctx, decoder=dec, null_context=enc.encode(["x"])[0])
     assert not torch.equal(a, other)  # the null context matters when guiding
     with pytest.raises(UvitError, match="empty-prompt"):

@@ -61,7 +61,7 @@ def test_digits_metric_separates_real_from_noise(digits, classifier):
     assert wrong["acc_digits"] < 0.1 and wrong["fd_digits"] == pytest.approx(real["fd_digits"])
 
 
-def test_digits_classifier_is_deterministic_and_cached(classifier, tmp_path, monkeypatch):
+def test_digits_classifier_is_deterministic_and_cached(classifier, tmp_path_factory, monkeypatch):
     assert D.classifier_path().exists()
     again = D.train_classifier()
     for k, v in classifier.state_dict().items():
@@ -94,7 +94,7 @@ def test_uvit_fid_digits_npz_with_json(digits, classifier, tmp_path):
     (["fid", "{tmp}/missing.npz"], "does not exist"),
     (["fid", "{tmp}/nan.npz", "--mode", "pytorch_fid", "--ref", "{tmp}/nan.npz"], "NaN or inf"),
     (["fid", "{tmp}/empty"], "holds no images"),
-    (["fid", "{tmp}/rgb.npz", "--metrics", "fid,kid", "--ref", "{tmp}/rgb.npz"], "unknown metric kid"),
+    (["fid", "{tmp}/rgb.npz", "--metrics", "fid,kd", "--ref", "{tmp}/rgb.npz"], "unknown metric kd"),
     (["fid", "{tmp}/rgb.npz", "--ref", "fid_stats_imagenet64_guided_diffusion.npz"], "drive.google.com"),
     (["fid", "{tmp}/rgb.npz", "--ref", "VIRTUAL_imagenet256_labeled.npz"], "imagenet/256/VIRTUAL"),
     (["fid", "{tmp}/rgb.npz", "--ref", "{tmp}/rgb.npz", "--mode", "bicubic"], "unknown --mode"),

@@ -10,6 +10,7 @@ from uvit_cli.errors import UvitError
 from uvit_cli.metrics import frechet
 from uvit_cli.metrics.frechet import GaussianAccumulator, GaussianStats, frechet_distance, trace_sqrt_product
 from uvit_cli.metrics.inception_score import InceptionScoreAccumulator, inception_score
+from uvit_cli.metrics.kid import kernel_inception_distance
 from uvit_cli.metrics.precision_recall import manifold_radii, precision_recall
 
 
@@ -192,3 +193,53 @@ def test_precision_recall_extremes_and_too_few_points():
     assert precision_recall(real, real + 100) == (0.0, 0.0)
     with pytest.raises(UvitError, match="more than 3"):
         precision_recall(real, real[:3])
+
+
+# ---------------------------------------------------------------- KID
+
+def _kid_features(seed, n=60, m=50, d=32):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, d)), rng.standard_normal((m, d)) * 1.2 + 0.3
+
+
+def test_kid_equals_clean_fid_with_the_same_subsets():
+    """clean-fid draws its subsets from numpy's global generator: seeding it as ours is seeded gives the same
+    subsets, so the values agree to rounding."""
+    from cleanfid.fid import kernel_distance
+
+    samples, ref = _kid_features(0)
+    for seed, subsets, size in ((0, 100, 1000), (7, 20, 30)):
+        ours = kernel_inception_distance(samples, ref, num_subsets=subsets, max_subset_size=size, seed=seed)
+        np.random.seed(seed)
+        theirs = kernel_distance(samples, ref, num_subsets=subsets, max_subset_size=size)
+        assert ours["kid"] == pytest.approx(theirs, rel=1e-6)
+        assert ours["kid_subsets"] == subsets and ours["kid_subset_size"] == min(size, 50)
+
+
+def test_kid_with_whole_sets_as_subsets_is_the_unbiased_mmd():
+    """Subsets of the whole sets are permutations: the value is fixed, whatever the generator, and equals the
+    unbiased MMD^2 written out."""
+    from cleanfid.fid import kernel_distance
+
+    samples, ref = _kid_features(1, n=40, m=40, d=8)
+    d = samples.shape[1]
+
+    def k(a, b):
+        return (a @ b.T / d + 1) ** 3
+
+    m = 40
+    direct = ((k(samples, samples).sum() - np.trace(k(samples, samples))) / (m * (m - 1))
+              + (k(ref, ref).sum() - np.trace(k(ref, ref))) / (m * (m - 1)) - 2 * k(samples, ref).mean())
+    ours = kernel_inception_distance(samples, ref, num_subsets=3, seed=5)
+    assert ours["kid"] == pytest.approx(direct, rel=1e-9) and ours["kid_std"] == pytest.approx(0, abs=1e-9)
+    assert kernel_distance(samples, ref, num_subsets=3) == pytest.approx(direct, rel=1e-6)
+
+
+def test_kid_separates_sets_and_refuses_tiny_ones():
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((200, 16)), rng.standard_normal((200, 16))
+    same = kernel_inception_distance(a, b, num_subsets=20)["kid"]
+    shifted = kernel_inception_distance(a + 1.0, b, num_subsets=20)["kid"]
+    assert abs(same) < 0.05 < shifted
+    with pytest.raises(UvitError, match="at least 2"):
+        kernel_inception_distance(a[:1], b)

@@ -129,3 +129,12 @@ def test_weights_that_do_not_fit_are_a_named_error(tmp_path):
     (d / "open_clip_config.json").write_text(json.dumps(cfg))
     with pytest.raises(UvitError, match="does not fit"):
         load_text_encoder(str(d))
+
+
+def test_fixed_micro_batches_make_a_prompts_features_independent_of_its_batch_mates(encoder):
+    """Sampling encodes each chunk's prompts alone: with fixed micro-batches they equal one pass over all."""
+    all_ = encoder.encode_fixed(PROMPTS[:4], micro_batch=3)
+    assert all_.shape == (4, 77, encoder.width)
+    for i, p in enumerate(PROMPTS[:4]):
+        assert torch.equal(encoder.encode_fixed([p], micro_batch=3)[0], all_[i])
+    torch.testing.assert_close(all_, encoder.encode(PROMPTS[:4]), atol=1e-5, rtol=1e-5)

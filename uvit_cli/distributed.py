@@ -52,9 +52,20 @@ def init(device: str | torch.device = "auto", timeout_minutes: float = 30.0) -> 
     return dev
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+def barrier(what: str = "") -> None:
+    """Wait for every rank. With ``what`` (the job, e.g. "sampling"), a rank that died or hung past the
+    process-group timeout is a UvitError saying so, not a traceback from the backend."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if not what:
         dist.barrier()
+        return
+    try:
+        dist.barrier()
+    except (RuntimeError, dist.DistBackendError) as e:
+        raise UvitError(f"{what}: another process did not arrive within the process-group timeout or failed "
+                        f"({str(e).splitlines()[0][:200]}); see its log, then rerun the same command: finished work "
+                        "is kept") from None
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
@@ -82,6 +93,28 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def share(items: list) -> tuple[list, list]:
+    """(rank 0's ``items`` on every rank, this rank's share ``items[rank::world]``): work items listed once,
+    handed out round-robin so a resume with another world size is as balanced as a fresh start."""
+    items = list(broadcast_object(items))
+    return items, items[rank()::world_size()]
+
+
+def first_error(fn):
+    """Run ``fn`` on rank 0 and hand its value, or its UvitError, to every rank (a clear error on all ranks
+    instead of one failing while the others wait)."""
+    out = None
+    if is_main():
+        try:
+            out = ("ok", fn())
+        except UvitError as e:
+            out = ("error", str(e))
+    status, value = broadcast_object(out)
+    if status == "error":
+        raise UvitError(value)
+    return value
 
 
 def cleanup() -> None:

@@ -22,7 +22,10 @@ from .runtime import check_precision
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FORWARD_BATCH = {"cpu": 4, "cuda": 32, "mps": 8}  # samples per network forward, per device type
+# Samples per network forward, per device type. CPU: 8, from `uvit bench --suite sample` (BENCHMARKS.md: the digits
+# model samples 1.2x faster at 8 than at 4, U-ViT-S/2 at 32 px is flat from 4 to 16). CUDA and MPS: not measured yet
+# (no GPU run of the sampling suite); 32 and 8 are guesses until one is made.
+DEFAULT_FORWARD_BATCH = {"cpu": 8, "cuda": 32, "mps": 8}
 
 
 def default_forward_batch(device) -> int:
@@ -96,8 +99,9 @@ def _decode(decoder, z: torch.Tensor, m: int) -> torch.Tensor:
 def generate(model, recipe, seeds: Sequence[int], cond=None, *, batch_size: int | None = None, device="cpu",
              precision: str = "fp32", decoder=None, null_context=None,
              progress: Callable[[int, int], None] | None = None, forward_batch: int | None = None,
-             stats: dict | None = None) -> torch.Tensor:
-    """Draw one image per seed with ``recipe.sample`` (sampler, steps, guidance w); returns uint8 (N, H, W, C).
+             stats: dict | None = None, quantized: bool = True) -> torch.Tensor:
+    """Draw one image per seed with ``recipe.sample`` (sampler, steps, guidance w); returns uint8 (N, H, W, C), or
+    with ``quantized=False`` the float32 (N, C, H, W) images in [-1, 1] before rounding (to measure precision).
 
     cond: None, class ids (N,) or text contexts (N, 77, D). decoder: for latent models, an object whose
     ``decode(z)`` maps the model's scaled latents to [-1, 1] images. precision: "fp32", "bf16" or "fp16" autocast
@@ -145,7 +149,7 @@ def generate(model, recipe, seeds: Sequence[int], cond=None, *, batch_size: int 
                 z = sample_fn(fn, x.to(device), schedule, generators=gens, **kwargs)
                 forwards += fn.forwards
                 images = _decode(decoder, z, fb) if decoder is not None else z
-                out.append(quantize(images))
+                out.append(quantize(images) if quantized else images.float().cpu())
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - t0

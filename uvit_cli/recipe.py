@@ -37,7 +37,7 @@ Spacing = Literal["auto", "logSNR", "time_uniform", "time_quadratic"]  # step sp
 Crop = Literal["auto", "adm_center", "celeba", "center_lanczos", "none"]  # data/crops.CROPS (+ auto)
 Formulation = Literal["vp", "discrete"]                     # build.build_schedule
 EvalMode = Literal["pytorch_fid", "clean", "legacy_tensorflow", "digits"]  # metrics/features.MODES (+ digits)
-Metric = Literal["fid", "sfid", "is", "precision", "recall", "fd_digits", "acc_digits"]  # metrics/evaluate
+Metric = Literal["fid", "sfid", "is", "precision", "recall", "kid", "fd_digits", "acc_digits"]  # metrics/evaluate
 Weights = Literal["ema", "raw"]                             # which weights of a run directory
 Tracker = Literal["jsonl", "tensorboard", "wandb"]     # experiment trackers (tracking.TRACKERS); jsonl always on
 ExportFormat = Literal["diffusers", "safetensors"]       # uvit export --format (export.EXPORTERS)
@@ -145,6 +145,7 @@ class EvalConfig:
     metrics: tuple[str, ...] = ("fid",)  # metrics to compute (names of Metric, or "all")
     mode: EvalMode = "pytorch_fid"      # feature pipeline: pytorch_fid (U-ViT's published numbers) or an alternative
     class_sampling: Literal["balanced", "random"] = "balanced"  # class labels for conditional samples
+    captions: str = ""                  # text models: encoded val cache (encode-latents coco --split val) or prompts .txt
     batch_size: int = 50                # images per Inception batch
     monitor_samples: int = 1000         # samples for the in-training monitor FID (labelled as a monitor)
 

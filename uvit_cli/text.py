@@ -89,6 +89,20 @@ class TextEncoder(torch.nn.Module):
         return self.encode_tokens(self.tokenize(list(prompts)))
 
 
+    def encode_fixed(self, prompts: list[str], micro_batch: int = 16) -> torch.Tensor:
+        """:meth:`encode` in micro-batches of exactly ``micro_batch`` prompts (the last one padded), so a prompt's
+        features do not depend on which prompts are encoded with it (kernels are chosen by shape): sampling can
+        encode each chunk's prompts alone and match one pass over all of them."""
+        tokens = self.tokenize(list(prompts))
+        out = []
+        for i in range(0, len(tokens), micro_batch):
+            part = tokens[i:i + micro_batch]
+            k = len(part)
+            padded = torch.cat([part, part[-1:].expand(micro_batch - k, -1)]) if k < micro_batch else part
+            out.append(self.encode_tokens(padded)[:k])
+        return torch.cat(out)
+
+
 def build_text_tower(model_cfg: dict):
     """An open_clip TextTransformer from an open_clip model config (``embed_dim``, ``text_cfg``, ``quick_gelu``)."""
     from open_clip.model import QuickGELU

@@ -25,11 +25,12 @@ def main(argv: list[str] | None = None) -> None:
 
     Under torchrun only rank 0 prints it (every rank meets the same error). SIGTERM (a scheduler's stop) is handled
     like Ctrl-C; long jobs catch both and keep their last complete unit of work (errors.Interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     old = signal.signal(signal.SIGTERM, _sigterm_as_interrupt) \
         if threading.current_thread() is threading.main_thread() else None
     quiet = os.environ.get("RANK", "0") != "0"
     try:
-        app(args=argv, standalone_mode=True)
+        app(args=argv, standalone_mode=True, obj={"argv": argv})   # obj: the arguments, for re-running under torchrun
     except Interrupted as e:
         if not quiet:
             err_console.print(f"[yellow]interrupted:[/] {escape(str(e))}", highlight=False, soft_wrap=True)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..errors import UvitError
 from ..files import prepare_output, write_json
-from ..recipe import Precision, choices, load_recipe
+from ..recipe import Precision, choices
 from .app import app, console, setup_logging
 from .options import DeviceOption, SetOption, parse_list
 
@@ -32,7 +32,9 @@ def _flags(text: str, what: str) -> list[bool]:
 
 @app.command("bench")
 def bench_cmd(
-    recipe_path: str = typer.Argument("cifar10_uvit_s2", metavar="RECIPE", help="recipe whose model is measured"),
+    recipe_path: str = typer.Argument("cifar10_uvit_s2", metavar="RECIPE", help="recipe whose model is measured "
+                                      "(a run directory or .safetensors: its recipe, and its weights for the "
+                                      "sample suite's image agreement)"),
     overrides: Optional[List[str]] = SetOption,
     suite: str = typer.Option("peak,train", "--suite", help=f"comma list of {', '.join(SUITES)}"),
     device: str = DeviceOption,
@@ -46,6 +48,11 @@ def bench_cmd(
     patch_sizes: str = typer.Option("", "--patch-sizes", help="scaling suite: patch sizes, e.g. 1,2,4,8"),
     vae_batch: int = typer.Option(0, "--vae-batch", min=0, help="sample suite: VAE decode batch (0: 8 on GPU, "
                                   "1 on CPU)"),
+    forward_batches: str = typer.Option("", "--forward-batches", help="sample suite: network forward batches to "
+                                        "time the recipe's protocol at (default: the device's default, 2x, 4x, 8x)"),
+    guided: bool = typer.Option(True, "--guided/--no-guided", help="sample suite: also time batched bf16 guidance "
+                                "against two fp32 forwards (CIFAR10 U-ViT-S/2) and, for a pixel recipe, the SD-VAE "
+                                "decode"),
     iters: int = typer.Option(0, "--iters", min=0, help="timed steps per run (0: 10 on GPU, 3 on CPU)"),
     repeats: int = typer.Option(3, "--repeats", min=1, help="runs per measurement; the median is reported"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write every number to this JSON file"),
@@ -56,11 +63,12 @@ def bench_cmd(
       uvit bench cifar10_uvit_s2 --device cpu --batch 8 --precision fp32,bf16 --naive
       uvit bench imagenet256_uvit_h2 --device cuda --batch 128 --precision bf16 --compile both --grad-ckpt both
       uvit bench digits_uvit_tiny --suite scaling --batches 8,32,128 --patch-sizes 1,2,4
-      uvit bench imagenet256_uvit_h2 --suite sample --device cuda   (guided DPM-Solver, then SD-VAE decode)
+      uvit bench imagenet256_uvit_h2 --suite sample --device cuda   (the recipe's protocol, guided DPM-Solver, SD-VAE)
+      uvit bench runs/digits --suite sample --device cpu --forward-batches 4,8,16,32 --no-guided
     """
     import torch
 
-    from .. import runtime  # deferred: loads torch (cli/app.py)
+    from .. import build, runtime  # deferred: loads torch (cli/app.py)
     from ..bench import encode, features, sample, timer, train  # deferred: loads torch (cli/app.py)
 
     setup_logging()
@@ -70,7 +78,7 @@ def bench_cmd(
     precs = _choices(precisions, choices(Precision), "--precision")
     bs = parse_list(batches, "--batches")
     ps = parse_list(patch_sizes, "--patch-sizes")
-    recipe = load_recipe(recipe_path, overrides)
+    recipe, weights_path = build.load_recipe_for(recipe_path, overrides)
     dev = runtime.resolve_device(device)
     runtime.setup_runtime(dev)
     gpu = dev.type == "cuda"
@@ -132,10 +140,18 @@ def bench_cmd(
         console.print(table)
 
     if "sample" in suites:
-        r = sample.bench_guided_sampling(recipe if recipe.has_null_condition and recipe.model.num_classes else None,
-                                  device=str(dev), repeats=repeats)
-        result["sample"] = r
-        console.print_json(json.dumps(r, default=str))
+        model = build.load_model(recipe_path, None, overrides)[0] if weights_path is not None else None
+        r = sample.bench_sampling(recipe, model=model, forward_batches=parse_list(forward_batches, "--forward-batches"),
+                                  precisions=[p for p in precs if p != "fp16" or gpu],
+                                  compile_flags=_flags(compile_, "--compile"), device=str(dev), repeats=repeats)
+        result["sample_protocol"] = r
+        _print_protocol(r, recipe, repeats)
+        if guided:
+            r = sample.bench_guided_sampling(recipe if recipe.has_null_condition and recipe.model.num_classes
+                                             else None, device=str(dev), repeats=repeats)
+            result["sample"] = r
+            console.print_json(json.dumps(r, default=str))
+    if "sample" in suites and (recipe.is_latent or guided):
         # The VAE decode after sampling: the recipe's latent grid, or 32x32 (256 px) for a pixel-space recipe.
         latent = recipe.model.img_size if recipe.model.in_chans == 4 else 32
         decode_precs = [p for p in precs if p != "fp16" or gpu]
@@ -163,3 +179,37 @@ def bench_cmd(
     if json_out:
         write_json(json_out, result)
         console.print(f"wrote {json_out}")
+
+
+def _print_protocol(r: dict, recipe, repeats: int) -> None:
+    s = recipe.sample
+    first = r["rows"][0]
+    table = Table(title=f"sampling protocol of {recipe.name}: {s.sampler} {s.steps} steps ({first['nfe']} NFE/image), "
+                        f"w={s.cfg_scale:g}, {first['samples']} images per call, {r['device']}, {r['weights']} weights "
+                        f"(median of {repeats})")
+    for col in ("precision", "compile", "forward batch", "img/s", "s/image"):
+        table.add_column(col, justify="right")
+    for row in r["rows"]:
+        mark = " (default)" if row["default_forward_batch"] else ""
+        table.add_row(row["precision"], "on" if row["compile"] else "off", f"{row['forward_batch']}{mark}",
+                      f"{row['img_per_s']:.2f}", f"{row['sec_per_image']:.4f}")
+    console.print(table)
+    if r["agreement"]:
+        table = Table(title="images against fp32 eager (default forward batch)")
+        for col in ("precision", "compile", "rel. L2 error", "uint8 max diff", "uint8 mean diff"):
+            table.add_column(col, justify="right")
+        for a in r["agreement"]:
+            table.add_row(a["precision"], "on" if a["compile"] else "off", f"{a['sample_rel_err']:.2e}",
+                          str(a["uint8_max_diff"]), f"{a['uint8_mean_diff']:.3f}")
+        console.print(table)
+    p = r["projection"]
+    for name in ("default", "best"):
+        q = p[name]
+        walls = ", ".join(f"{d} device{'s' if int(d) > 1 else ''} {_duration(w)}" for d, w in q["wall_s"].items())
+        console.print(f"{p['num_samples']} samples ({name}: {q['precision']}, forward batch {q['forward_batch']}, "
+                      f"{q['img_per_s']:.2f} img/s per device): {walls}", highlight=False)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"

@@ -12,9 +12,9 @@ from ..errors import UvitError
 from ..files import prepare_output, sha256_file, write_json
 from ..run import latest_run
 from .app import app, console, setup_logging
-from .options import (DeviceOption, PrecisionChoice, SetOption, VerboseOption, WeightsChoice, WeightsOption,
-                      precision_option, value)
-from .progress import Stages, progress_bar
+from .options import (DeviceOption, NprocOption, PrecisionChoice, SetOption, VerboseOption, WeightsChoice,
+                      WeightsOption, compile_option, forward_batch_option, precision_option, relaunch, value)
+from .progress import Counter, Stages, progress_bar
 
 MODE_HELP = ("feature pipeline: pytorch_fid (U-ViT's published numbers), clean (clean-fid), legacy_tensorflow "
              "(ADM / TF1 resize) or digits (built-in 8x8 digits; not comparable to Inception FID); default: the "
@@ -54,7 +54,7 @@ def fid_cmd(
                                              "directory or checkpoint; default: the latest run in ./runs"),
     ref: Optional[str] = typer.Option(None, "--ref", help="reference: image folder, ADM reference batch, fid_stats "
                                       ".npz or `uvit fid-stats` output; default: the recipe's eval.ref"),
-    metrics: Optional[str] = typer.Option(None, "--metrics", help="comma list of fid,sfid,is,precision,recall "
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="comma list of fid,sfid,is,precision,recall,kid "
                                           "(or all); default: the recipe's eval.metrics, else fid"),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", min=1, help="score the first N images "
                                               "(runs: sample N; default eval.num_samples)"),
@@ -79,6 +79,16 @@ def fid_cmd(
     precision: PrecisionChoice = precision_option("sampling precision (autocast)", SAMPLING),
     sample_batch_size: Optional[int] = typer.Option(None, "--sample-batch-size", min=1, help="samples per sampler "
                                                     "batch (default: sample.batch_size)", rich_help_panel=SAMPLING),
+    forward_batch: Optional[int] = forward_batch_option(SAMPLING),
+    compile_: bool = compile_option(SAMPLING),
+    captions: Optional[Path] = typer.Option(None, "--captions", help="text models: the encoded val cache "
+                                            "(`uvit encode-latents coco --split val`) whose captions are drawn "
+                                            "with the MS-COCO protocol; default: eval.captions",
+                                            rich_help_panel=SAMPLING),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="text models: prompts, one per line, "
+                                                "used in order (sample i gets prompt i mod P)",
+                                                rich_help_panel=SAMPLING),
+    nproc_per_node: int = NprocOption,
     verbose: bool = VerboseOption,
 ) -> None:
     """Score samples: FID, sFID, IS, precision and recall (or the digits metric), with a protocol card.
@@ -90,37 +100,67 @@ def fid_cmd(
       uvit fid samples.npz --ref VIRTUAL_imagenet256_labeled.npz --metrics all --mode legacy_tensorflow
       uvit fid samples/ --ref fid_stats_cifar10_train_pytorch.npz --json fid.json
       uvit fid runs/00000-digits-U-ViT-Tiny2 --num-samples 1000
+      uvit fid runs/00003-imagenet256_uvit_h2-U-ViT-H2 --nproc-per-node 8    (or: torchrun --nproc-per-node 8 -m uvit_cli fid RUN)
+      uvit fid runs/00004-coco_uvit_s --captions data/coco256_latents_val     (text models: the MS-COCO protocol)
+
+    Many processes draw the same samples and give the same numbers as one; an interrupted job continues when the
+    same command is run again (with any number of processes).
     """
-    from .. import build, runtime  # deferred: loads torch (cli/app.py)
-    from ..metrics.evaluate import evaluate  # deferred: loads torch (cli/app.py)
+    if captions is not None and prompts_file is not None:
+        raise UvitError("pass --captions (an encoded val cache) or --prompts-file, not both")
+    if num_samples is not None and nproc_per_node > num_samples:
+        raise UvitError(f"--nproc-per-node {nproc_per_node} is more than the {num_samples} samples; use at most "
+                        f"{num_samples} processes")
+    for path, option in ((json_out, "--json"), (samples_out, "--samples-out")):
+        if path is not None:   # before any work: an unwritable output must not cost the scoring
+            prepare_output(path, option)
+    relaunch(nproc_per_node)
+    from .. import distributed  # deferred: loads torch (cli/app.py)
 
     setup_logging(verbose)
-    if json_out is not None:
-        prepare_output(json_out, "--json")
-    if samples_out is not None:
-        prepare_output(samples_out, "--samples-out")
-    dev = runtime.resolve_device(device)
+    dev = distributed.init(device)
+    try:
+        _fid(samples, ref, metrics, num_samples, batch_size, dev, mode, inception_weights, exact, json_out,
+             recipe_path, overrides, value(weights), seed, samples_out, value(precision), sample_batch_size,
+             forward_batch, compile_, captions, prompts_file)
+    finally:
+        distributed.cleanup()
+
+
+def _fid(samples, ref, metrics, num_samples, batch_size, dev, mode, inception_weights, exact, json_out, recipe_path,
+         overrides, weights, seed, samples_out, precision, sample_batch_size, forward_batch, compile_, captions,
+         prompts_file) -> None:
+    """Every rank: sample its share (runs), compute its share of the features; rank 0 scores and prints."""
+    from .. import build, distributed, runtime  # deferred: loads torch (cli/app.py)
+    from ..metrics.evaluate import evaluate  # deferred: loads torch (cli/app.py)
+
     runtime.setup_runtime(dev)
+    main, world = distributed.is_main(), distributed.world_size()
     recipe, card = None, {}
     if samples is None:
         samples = latest_run("runs")
         if samples is None:
             raise UvitError("no SAMPLES given and no run in ./runs; pass an image folder, an .npz, a run directory "
                             "or a checkpoint")
-        console.print(f"scoring the latest run: {samples}")
+        if main:
+            console.print(f"scoring the latest run: {samples}")
     if build.is_model_target(samples):
-        samples, recipe, card = _sample_run(samples, recipe_path, overrides, value(weights), seed, samples_out,
-                                            value(precision), sample_batch_size, num_samples, dev)
+        samples, recipe, card = _sample_run(samples, recipe_path, overrides, weights, seed, samples_out, precision,
+                                            sample_batch_size, num_samples, dev, forward_batch, compile_, captions,
+                                            prompts_file)
     elif not samples.exists():
         raise UvitError(f"{samples} does not exist")
     ev = recipe.eval if recipe is not None else None
     mode = mode or (ev.mode if ev is not None else _auto_mode(samples))
-    with progress_bar() as bar:
+    with progress_bar(disable=not main) as bar:
         result = evaluate(samples, ref or (ev.ref if ev is not None else None) or None,
                           metrics=metrics or (ev.metrics if ev is not None else None), mode=mode,
                           num_samples=num_samples, batch_size=batch_size or (ev.batch_size if ev else 50),
                           device=dev, inception_weights=inception_weights, exact=exact, protocol=card,
-                          progress=Stages(bar))
+                          progress=Stages(bar), shards_dir=samples.with_name(samples.name + ".features")
+                          if world > 1 else None)
+    if not main:
+        return
     _print(result, f"{samples}")
     if json_out:
         write_json(json_out, result.to_dict(), indent=2)
@@ -128,24 +168,45 @@ def fid_cmd(
 
 
 def _sample_run(target: Path, recipe_path, overrides, weights, seed, samples_out, precision, batch_size,
-                num_samples, device):
-    """Sample a run / checkpoint with the recipe's protocol into a kept, resumable .npz; returns (npz, recipe, card)."""
-    from .. import build  # deferred: loads torch (cli/app.py)
+                num_samples, device, forward_batch, compile_, captions, prompts_file):
+    """Sample a run / checkpoint with the recipe's protocol into a kept, resumable .npz (every rank its share of
+    the chunks); returns (npz, recipe, card)."""
+    import torch
+
+    from .. import build, distributed, generate  # deferred: loads torch (cli/app.py)
     from ..metrics import model_eval  # deferred: loads torch (cli/app.py)
 
+    main = distributed.is_main()
     model, recipe, path = build.load_model(target, recipe_path, overrides, weights=weights)
     n = num_samples or recipe.eval.num_samples
+    if distributed.world_size() > n:
+        raise UvitError(f"{distributed.world_size()} processes for {n} samples; launch at most {n}")
+    text = None
+    if recipe.conditioning == "text":
+        text = model_eval.open_captions(recipe, n, seed, captions=captions, prompts_file=prompts_file,
+                                        device=device)
+    elif captions is not None or prompts_file is not None:
+        raise UvitError(f"--captions / --prompts-file are for text models; this model is {recipe.conditioning}-"
+                        "conditional")
+    conditions = model_eval.eval_conditions(recipe, n, seed, captions=text)
+    fb = int(forward_batch or generate.default_forward_batch(device))
+    sha = distributed.broadcast_object(sha256_file(path) if main else None)   # one hash, read once
     card = model_eval.sampling_card(recipe, num_samples=n, seed=seed, weights=weights, checkpoint=str(path),
-                         checkpoint_sha256=sha256_file(path), precision=precision)
+                                    checkpoint_sha256=sha, precision=precision, conditions=conditions,
+                                    forward_batch=fb, device_type=torch.device(device).type, compiled=compile_)
     meta = {**card, "sampling_recipe_sha256": model_eval.sampling_identity(recipe)}
     meta.pop("checkpoint", None)  # the hash identifies the weights; the path may move
     out = samples_out or model_eval.samples_path(target, recipe, n, meta)
-    console.print(f"sampling {n} images into {out} (resumable; kept after scoring)")
-    with progress_bar() as bar:
-        task = bar.add_task("sampling", total=n)
-        model_eval.sample_for_eval(model.to(device), recipe, out, n, meta=meta, seed=seed, device=device, precision=precision,
-                        batch_size=batch_size or recipe.sample.batch_size,
-                        progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if main:
+        console.print(f"sampling {n} images into {out} (resumable; kept after scoring)"
+                      + (f" · {distributed.world_size()} processes" if distributed.world_size() > 1 else ""))
+    net = model.to(device)
+    if compile_:
+        net = torch.compile(net)
+    with progress_bar(disable=not main) as bar:
+        model_eval.sample_for_eval(net, recipe, out, n, meta=meta, seed=seed, device=device, precision=precision,
+                                   batch_size=batch_size or recipe.sample.batch_size, conditions=conditions,
+                                   forward_batch=fb, all_ranks=True, progress=Counter(bar, "sampling"))
     card["samples_file"] = str(out)
     return out, recipe, card
 

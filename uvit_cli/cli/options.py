@@ -4,6 +4,8 @@ the enums of every choice, derived from the recipe's types (uvit_cli/recipe.py).
 from __future__ import annotations
 
 import enum
+import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -42,6 +44,17 @@ MasterPortOption = typer.Option(29500, "--master-port", help="a free TCP port on
 LAUNCH_OPTIONS = ("--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port")  # not passed on
 WeightsOption = typer.Option(WeightsChoice.ema, "--weights", help="which weights of a run directory: ema (the "
                              "paper protocol) or raw")
+
+
+def forward_batch_option(panel: str = PERF):
+    return typer.Option(None, "--forward-batch", min=1, help="samples per network forward (default: "
+                        "generate.DEFAULT_FORWARD_BATCH of the device type); images depend on it in the last bits",
+                        rich_help_panel=panel)
+
+
+def compile_option(panel: str = PERF):
+    return typer.Option(False, "--compile/--no-compile", help="torch.compile the network for sampling (images "
+                        "differ from eager ones in the last bits; BENCHMARKS.md)", rich_help_panel=panel)
 
 
 def precision_option(help: str, panel: str = PERF):
@@ -115,6 +128,37 @@ def strip_option(args: list[str], name: str, takes_value: bool = True) -> list[s
             continue
         out.append(a)
     return out
+
+
+def command_args() -> list[str]:
+    """The arguments of the running `uvit` command (what main() was given), for re-running it under torchrun."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_root().obj if ctx is not None else None
+    return list(obj["argv"]) if isinstance(obj, dict) and "argv" in obj else sys.argv[1:]
+
+
+def in_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ
+
+
+def relaunch(nproc: int, extra: list[str] | None = None, *, nnodes: int = 1, node_rank: int = 0,
+             master_addr: str | None = None, master_port: int = 29500) -> None:
+    """With ``--nproc-per-node N`` > 1 (or several nodes) outside torchrun: re-run this command under torchrun (and
+    ``extra`` arguments) and exit with its status; a failed rank is named with the way to resume."""
+    if (nproc <= 1 and nnodes <= 1) or in_torchrun():
+        return
+    from .. import distributed  # deferred: loads torch (cli/app.py)
+
+    args = command_args()
+    for name in LAUNCH_OPTIONS:
+        args = strip_option(args, name)
+    code = distributed.launch_torchrun(nproc, args + list(extra or []), nnodes, node_rank, master_addr, master_port)
+    if code:
+        raise UvitError(f"a process of the {nproc}-process job failed (torchrun exit status {code}; its error is "
+                        "above); finished work is kept: rerun the same command to continue")
+    raise typer.Exit(0)
 
 
 def existing_path(path: Optional[Path], option: str) -> Optional[Path]:

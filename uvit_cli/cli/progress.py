@@ -40,3 +40,18 @@ class Stages:
         if stage not in self.tasks:
             self.tasks[stage] = self.bar.add_task(stage, total=total)
         self.bar.update(self.tasks[stage], completed=done, total=total)
+
+
+class Counter:
+    """A ``progress(done, total)`` callback for one task; the first report (work already done by an earlier,
+    interrupted run) starts the task there, so img/s and the ETA count only this run's work."""
+
+    def __init__(self, bar: Progress, description: str):
+        self.bar, self.task, self.started = bar, bar.add_task(description, total=None), False
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.started:
+            self.started = True
+            self.bar.reset(self.task, total=total, completed=done)
+        else:
+            self.bar.update(self.task, completed=done, total=total)

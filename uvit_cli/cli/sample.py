@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -11,11 +15,12 @@ import typer
 
 from ..data.imagenet_classes import imagenet_class_id, imagenet_class_names
 from ..errors import UvitError
-from ..files import prepare_output
+from ..files import prepare_output, sha256_file
 from .app import app, console, setup_logging
-from .options import (IO, PERF, DeviceOption, PrecisionChoice, SamplerChoice, SetOption, VerboseOption,
-                      WeightsChoice, WeightsOption, parse_seeds, precision_option, sampling_overrides, value)
-from .progress import progress_bar
+from .options import (IO, PERF, DeviceOption, NprocOption, PrecisionChoice, SamplerChoice, SetOption, VerboseOption,
+                      WeightsChoice, WeightsOption, compile_option, forward_batch_option, parse_seeds,
+                      precision_option, relaunch, sampling_overrides, value)
+from .progress import Counter, progress_bar
 
 log = logging.getLogger("uvit_cli.sample")
 
@@ -59,20 +64,24 @@ def class_ids_for(values: List[str], seeds: list[int], num_classes: int) -> list
 
 def read_prompts(prompts: Optional[List[str]], prompts_file: Optional[Path]) -> list[str]:
     """--prompt values, then the non-empty lines of --prompts-file."""
-    out = list(prompts or [])
-    if prompts_file is not None:
-        if not prompts_file.is_file():
-            raise UvitError(f"--prompts-file {prompts_file} does not exist (or is not a file)")
-        try:
-            lines = prompts_file.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise UvitError(f"--prompts-file {prompts_file} is not UTF-8 text; write one prompt per line") from None
-        found = [line.strip() for line in lines if line.strip()]
-        if not found:
-            raise UvitError(f"--prompts-file {prompts_file} holds no prompts (empty or blank lines only); write one "
-                            "prompt per line (--prompt \"\" asks for the unconditional prompt)")
-        out += found
-    return out
+    from ..metrics.captions import read_prompts_file  # deferred: loads torch (cli/app.py)
+
+    return list(prompts or []) + (read_prompts_file(prompts_file) if prompts_file is not None else [])
+
+
+def _sha(values) -> str:
+    return hashlib.sha256(json.dumps(list(values)).encode()).hexdigest()
+
+
+def work_store(out: Optional[Path], out_dir: Optional[Path], npz: Optional[Path]) -> Path:
+    """Where the chunks are kept while sampling: the --npz file, else a hidden file beside the grid / in the PNG
+    folder (removed once the outputs are written)."""
+    if npz is not None:
+        return npz
+    if out_dir is not None:
+        return out_dir / ".uvit-samples.npz"
+    grid = out or Path("grid.png")
+    return grid.with_name(f".{grid.name}.samples.npz")
 
 
 def _class_label(k: int, num_classes: int) -> str:
@@ -117,10 +126,10 @@ def sample_cmd(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="samples per sampler batch "
                                              "(default: the recipe's); images do not depend on it",
                                              rich_help_panel=PERF),
-    forward_batch: Optional[int] = typer.Option(None, "--forward-batch", min=1, help="samples per network forward "
-                                                "(default 4 on CPU, 32 on GPU); images depend on it in the last bits",
-                                                rich_help_panel=PERF),
+    forward_batch: Optional[int] = forward_batch_option(),
+    compile_: bool = compile_option(),
     device: str = DeviceOption,
+    nproc_per_node: int = NprocOption,
     precision: PrecisionChoice = precision_option("autocast precision of the network"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="labelled grid PNG (default grid.png when neither "
                                        "--out-dir nor --npz is given)", rich_help_panel=IO),
@@ -145,10 +154,12 @@ def sample_cmd(
       uvit sample uvit_h2.safetensors --class "golden retriever" --class 88 --n 8 --cfg-scale 1.4 --out dogs.png
       uvit sample imagenet256_uvit_huge.pth --recipe imagenet256_uvit_h2 --class balanced --seeds 0-49999 --npz s.npz
       uvit sample runs/00003-coco --prompt "a red bus on a bridge" --n 4 --precision bf16
-    """
-    import torch
+      uvit sample uvit_h2.safetensors --class balanced --seeds 0-49999 --npz s.npz --nproc-per-node 8
 
-    from .. import build, generate, outputs, runtime  # deferred: loads torch (cli/app.py)
+    The same seeds give the same bytes with any number of processes; an interrupted --npz or --out-dir job
+    continues when the same command is run again.
+    """
+    from .. import distributed, runtime  # deferred: loads torch (cli/app.py)
 
     setup_logging(verbose)
     grid_path = out or (Path("grid.png") if out_dir is None and npz is None else None)
@@ -159,12 +170,41 @@ def sample_cmd(
     if seeds_text and n is not None:
         raise UvitError("pass either --seeds or --n/--seed, not both")
     seeds = parse_seeds(seeds_text) if seeds_text else list(range(seed, seed + (n or 16)))
+    if nproc_per_node > len(seeds):
+        raise UvitError(f"--nproc-per-node {nproc_per_node} is more than the {len(seeds)} seeds: every process "
+                        f"needs samples to draw; use at most {len(seeds)} processes")
+    relaunch(nproc_per_node)
     prompt_list = read_prompts(prompts, prompts_file)
-    dev = runtime.resolve_device(device)
-    runtime.setup_runtime(dev)
+    dev = distributed.init(device)
+    try:
+        if distributed.world_size() > len(seeds):
+            raise UvitError(f"{distributed.world_size()} processes for {len(seeds)} seeds: every process needs "
+                            f"samples to draw; launch at most {len(seeds)}")
+        runtime.setup_runtime(dev)
+        _sample(target=target, recipe_path=recipe_path, overrides=overrides,
+                weights=value(weights), classes=classes, prompt_list=prompt_list, seeds=seeds, sampler=sampler,
+                steps=steps, cfg_scale=cfg_scale, batch_size=batch_size, forward_batch=forward_batch, dev=dev,
+                precision=precision, out=out, out_dir=out_dir, npz=npz, vae=vae, text_encoder=text_encoder,
+                allow_download=allow_download, compile_=compile_)
+    finally:
+        distributed.cleanup()
 
+
+def _sample(*, target, recipe_path, overrides, weights, classes, prompt_list, seeds, sampler, steps,
+            cfg_scale, batch_size, forward_batch, dev, precision, out, out_dir, npz, vae, text_encoder,
+            allow_download, compile_) -> None:
+    """Every rank: draw its share of the chunks; rank 0: write the grid, the PNGs of reused chunks, the summary."""
+    import torch
+
+    from .. import build, distributed, generate, outputs  # deferred: loads torch (cli/app.py)
+    from ..metrics.model_eval import sampling_identity  # deferred: loads torch (cli/app.py)
+    from ..metrics.parts import Tracker  # deferred: loads torch (cli/app.py)
+    from ..metrics.sample_store import default_chunk, sample_to_npz  # deferred: loads torch (cli/app.py)
+    from ..metrics.sources import NpzSource  # deferred: loads torch (cli/app.py)
+
+    main = distributed.is_main()
     sets = [*(overrides or []), *sampling_overrides(sampler, steps, cfg_scale)]
-    model, recipe, path = build.load_model(target, recipe_path, sets, value(weights))
+    model, recipe, path = build.load_model(target, recipe_path, sets, weights)
     kind, w = recipe.conditioning, recipe.sample.cfg_scale
     if kind != "text" and prompt_list:
         fix = "class-conditional: pass --class ids or names" if kind == "class" else "unconditional: drop --prompt"
@@ -173,56 +213,101 @@ def sample_cmd(
         fix = "text-conditional: pass --prompt" if kind == "text" else "unconditional: drop --class"
         raise UvitError(f"--class given, but this model is {fix}")
 
-    cond, labels, captions, null_context = None, None, None, None
+    labels, captions, null_context, encoder = None, None, None, None
     cycle = 0                                     # a cycled list of K classes or prompts: one grid column each
     if kind == "class":
-        if not classes:
+        if not classes and main:
             log.info("no --class given: drawing a random class for each seed")
-        ids = class_ids_for(classes or ["random"], seeds, recipe.model.num_classes)
-        cond, labels = torch.tensor(ids, dtype=torch.long), ids
-        captions = [_class_label(k, recipe.model.num_classes) for k in ids]
+        labels = class_ids_for(classes or ["random"], seeds, recipe.model.num_classes)
+        captions = [_class_label(k, recipe.model.num_classes) for k in labels]
         tokens = _class_tokens(classes or [])
         if tokens and tokens[0] not in ("random", "balanced"):
             cycle = len(tokens)
+        conditions = _sha(labels)
     elif kind == "text":
         if not prompt_list:
             raise UvitError("this model is text-conditional: pass --prompt TEXT or --prompts-file FILE")
         encoder = build.build_text_encoder(recipe, dev, text_encoder, allow_download, run_dir=target)
-        per_seed = [prompt_list[i % len(prompt_list)] for i in range(len(seeds))]
-        unique = list(dict.fromkeys(per_seed + ([""] if w != 1.0 else [])))
-        feats = encoder.encode(unique).float().cpu()
-        index = {p: i for i, p in enumerate(unique)}
-        cond = feats[[index[p] for p in per_seed]]
-        null_context = feats[index[""]] if w != 1.0 else None
-        captions = per_seed
+        captions = [prompt_list[i % len(prompt_list)] for i in range(len(seeds))]
+        null_context = encoder.encode_fixed([""])[0].cpu() if w != 1.0 else None
         cycle = len(prompt_list)
+        conditions = _sha(captions)
     else:
         captions = [f"seed {s}" for s in seeds]
+        conditions = None
     decoder = build.build_decoder(recipe, dev, vae, allow_download)
+    fb = int(forward_batch or generate.default_forward_batch(dev))
+    net = torch.compile(model.to(dev)) if compile_ else model
 
-    stats: dict = {}
+    def cond(start: int, stop: int):
+        if labels is not None:
+            return torch.tensor(labels[start:stop], dtype=torch.long)
+        if encoder is not None:                   # each chunk's prompts, encoded in fixed micro-batches
+            unique = list(dict.fromkeys(captions[start:stop]))
+            feats = encoder.encode_fixed(unique).float().cpu()
+            index = {p: i for i, p in enumerate(unique)}
+            return feats[[index[p] for p in captions[start:stop]]]
+        return None
+
+    tracker = None
+
+    def make(start: int, stop: int):
+        images = generate.generate(net, recipe, seeds[start:stop], cond(start, stop), batch_size=batch_size,
+                                   device=dev, precision=precision, decoder=decoder, null_context=null_context,
+                                   forward_batch=fb,
+                                   progress=lambda done, total: tracker.inflight(start, done / total))
+        images = images.numpy()
+        if out_dir is not None:                   # PNGs first: a finished chunk implies its PNGs
+            outputs.save_pngs(images, out_dir, seeds[start:stop])
+        return images, None if labels is None else labels[start:stop]
+
+    meta = {"command": "uvit sample", "checkpoint_sha256": sha256_file(path) if main else "",
+            "sampling_recipe_sha256": sampling_identity(recipe), "seeds_sha256": _sha(seeds),
+            "conditions_sha256": conditions, "precision": precision, "forward_batch": fb, "device_type": dev.type,
+            "compile": compile_, "vae": getattr(decoder, "name", None), "vae_sha256": getattr(decoder, "sha256", None),
+            "text_encoder_sha256": getattr(encoder, "sha256", None)}
+    store = work_store(out, out_dir, npz)
     s = recipe.sample
-    console.print(f"sampling {len(seeds)} images from {path} · {s.sampler} {s.steps} steps "
-                  f"({build.nfe_per_sample(recipe)} NFE/image) · guidance w={w:g} · {dev} {precision}", highlight=False)
-    with progress_bar("NFE") as bar:
-        task = bar.add_task("sample", total=None)
-        images = generate.generate(model, recipe, seeds, cond, batch_size=batch_size, device=dev, precision=precision,
-                          decoder=decoder, null_context=null_context, forward_batch=forward_batch, stats=stats,
-                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+    world = distributed.world_size()
+    if main:
+        console.print(f"sampling {len(seeds)} images from {path} · {s.sampler} {s.steps} steps "
+                      f"({build.nfe_per_sample(recipe)} NFE/image) · guidance w={w:g} · {dev} {precision}"
+                      + (f" · {world} processes" if world > 1 else ""), highlight=False)
+    chunk = default_chunk(len(seeds))
+    if world > math.ceil(len(seeds) / chunk) and main:
+        log.warning("%d processes but only %d chunks of %d samples: %d processes have nothing to draw", world,
+                    math.ceil(len(seeds) / chunk), chunk, world - math.ceil(len(seeds) / chunk))
+    t0 = time.perf_counter()
+    with progress_bar(disable=not main) as bar:
+        tracker = Tracker(Counter(bar, "sample"))
+        store, made = sample_to_npz(store, len(seeds), make, meta=meta, chunk=chunk, tracker=tracker,
+                                    all_ranks=True, replace=True)
+    seconds = time.perf_counter() - t0
+    if not main:
+        return
 
+    channels = 3 if recipe.is_latent else recipe.model.in_chans
+    samples = NpzSource(store, channels=channels)
     written = []
-    if grid_path is not None:
-        if len(images) > GRID_MAX:
+    if out is not None or (out_dir is None and npz is None):
+        grid_path = out or Path("grid.png")
+        if len(seeds) > GRID_MAX:
             log.warning("the grid shows the first %d of %d samples; use --out-dir or --npz for all", GRID_MAX,
-                        len(images))
-        cols = cycle if 2 <= cycle <= 16 and len(images) > cycle else None
-        outputs.save_grid(images[:GRID_MAX], grid_path, captions[:GRID_MAX], ncols=cols)
+                        len(seeds))
+        first = next(samples.batches(GRID_MAX))
+        cols = cycle if 2 <= cycle <= 16 and len(seeds) > cycle else None
+        outputs.save_grid(first, grid_path, captions[:GRID_MAX], ncols=cols)
         written.append(f"grid {grid_path}")
-    if out_dir is not None:
-        outputs.save_pngs(images, out_dir, seeds)
+    if out_dir is not None:                       # chunks kept from an earlier run: their PNGs from the file
+        for start in sorted(set(range(0, len(seeds), chunk)) - set(made)):
+            stop = min(start + chunk, len(seeds))
+            outputs.save_pngs(next(samples.batches(stop - start, stop, start)), out_dir, seeds[start:stop])
         written.append(f"{len(seeds)} PNGs in {out_dir}")
     if npz is not None:
-        outputs.save_npz(npz, images, labels)
-        written.append(f"{npz} (arr_0 {tuple(images.shape)}" + (", arr_1 labels)" if labels is not None else ")"))
-    console.print(f"wrote {'; '.join(written)} · {stats['seconds']:.1f}s, {stats['images_per_s']:.2f} images/s",
-                  highlight=False)
+        shape = (len(seeds), *samples.shape)
+        written.append(f"{npz} (arr_0 {shape}" + (", arr_1 labels)" if labels is not None else ")"))
+    else:
+        store.unlink(missing_ok=True)
+    drawn = sum(min(chunk, len(seeds) - c) for c in made)
+    rate = f"{drawn / seconds:.2f} images/s" if drawn else "reused the finished samples"
+    console.print(f"wrote {'; '.join(written)} · {seconds:.1f}s, {rate}", highlight=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -14,8 +13,8 @@ from ..files import prepare_output
 from ..recipe import dump_recipe, load_recipe
 from ..run import RUN_RECIPE, check_resume_compatible, latest_run, new_run_dir
 from .app import app, console, setup_logging
-from .options import (LAUNCH_OPTIONS, DeviceOption, MasterAddrOption, MasterPortOption, NnodesOption, NodeRankOption,
-                      NprocOption, SetOption, VerboseOption, strip_option)
+from .options import (DeviceOption, MasterAddrOption, MasterPortOption, NnodesOption, NodeRankOption, NprocOption,
+                      SetOption, VerboseOption, in_torchrun, relaunch)
 from .progress import progress_bar
 
 
@@ -51,19 +50,16 @@ def train_cmd(
 
     setup_logging(verbose)
     recipe = load_recipe(recipe_path, overrides)
-    in_torchrun = "LOCAL_RANK" in os.environ
-    if (nproc_per_node > 1 or nnodes > 1) and not in_torchrun:
-        args = sys.argv[1:]
-        for name in LAUNCH_OPTIONS:
-            args = strip_option(args, name)
+    if (nproc_per_node > 1 or nnodes > 1) and not in_torchrun():
+        extra = []
         if run_dir is None and not dry_run:  # every rank must agree on one directory
             if nnodes > 1:  # numbering on each node could disagree: the job names its directory
                 raise UvitError(f"--nnodes {nnodes}: pass --run-dir DIR (on a file system every node shares) so "
                                 "that all nodes write one run")
-            args += ["--run-dir", str(new_run_dir(runs_root, recipe) if not resume else
+            extra = ["--run-dir", str(new_run_dir(runs_root, recipe) if not resume else
                                       (latest_run(runs_root, recipe.name) or new_run_dir(runs_root, recipe)))]
-        raise typer.Exit(distributed.launch_torchrun(nproc_per_node, args, nnodes, node_rank, master_addr,
-                                                     master_port))
+        relaunch(nproc_per_node, extra, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+                 master_port=master_port)
 
     # Pick the run directory and decide whether this is a resume.
     if run_dir is None:

@@ -242,22 +242,34 @@ class LatentDataset(torch.utils.data.Dataset):
                 self._handles.popitem(last=False)
         return self._handles[s]
 
-    def __getitem__(self, index):
-        i, k = index if isinstance(index, tuple) else (index, 0)
+    def _locate(self, i: int) -> tuple[int, int, int]:
+        """(shard, row in the shard, flipped) of item i."""
         if not 0 <= i < len(self):
             raise IndexError(f"item {i} out of range for {len(self)} items")
         j, flip = (i // 2, i % 2) if self.flips else (i, 0)
         s = bisect.bisect_right(self._starts, j) - 1
-        r = j - self._starts[s]
-        h = self._handle(s)
-        moments = h.get_slice("moments_flip" if flip else "moments")[r:r + 1][0]
-        if not self.is_text:
-            return moments, torch.tensor(int(self.labels[i]), dtype=torch.int64)
+        return s, j - self._starts[s], flip
+
+    def _context(self, s: int, r: int, i: int, k: int) -> torch.Tensor:
         lo, hi = int(self._offsets[s][r]), int(self._offsets[s][r + 1])
         if not 0 <= k < hi - lo:
             raise IndexError(f"caption {k} out of range: item {i} has {hi - lo} captions")
-        return moments, h.get_slice("contexts")[lo + k:lo + k + 1][0]
+        return self._handle(s).get_slice("contexts")[lo + k:lo + k + 1][0]
 
+    def __getitem__(self, index):
+        i, k = index if isinstance(index, tuple) else (index, 0)
+        s, r, flip = self._locate(i)
+        moments = self._handle(s).get_slice("moments_flip" if flip else "moments")[r:r + 1][0]
+        if not self.is_text:
+            return moments, torch.tensor(int(self.labels[i]), dtype=torch.int64)
+        return moments, self._context(s, r, i, k)
+
+    def context(self, i: int, k: int) -> torch.Tensor:
+        """Caption k's context (fp16 (77, D)) of item i, without reading its latents (the caption protocol)."""
+        if not self.is_text:
+            raise UvitError(f"{self.root} holds no captions (it was encoded from {self.manifest['conditioning']} data)")
+        s, r, _ = self._locate(i)
+        return self._context(s, r, i, k)
 
     def get(self, i: int, flip: bool = False, caption: int | None = None):
         """The training-source interface (data/pixels.py): (moments, label or None) or (moments, caption's context).

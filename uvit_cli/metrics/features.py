@@ -129,44 +129,71 @@ class FeatureExtractor:
         """InceptionOutputs of one uint8 batch."""
         return self.model(preprocess(batch, self.mode, self.device))
 
+    def outputs(self, batch, want: Iterable[str]) -> dict[str, np.ndarray]:
+        """The per-image float32 outputs ``want`` asks for (``pool``, ``spatial``, ``logits``) of one uint8 batch."""
+        out = self.run(check_uint8_batch(batch))
+        return {k: getattr(out, k).float().cpu().numpy() for k in want}
+
     def extract(self, source: ImageSource | Iterable, *, total: int | None = None, limit: int | None = None,
                 want: Iterable[str] = ("pool", "spatial", "is"), keep_pool: bool = False,
                 split_size: int = SPLIT_SIZE, progress: Optional[Callable[[int, int], None]] = None) -> Features:
         """Stream a source (or an iterable of uint8 batches) through the network; see :class:`Features`."""
-        want = set(want)
+        acc = FeatureAccumulator(want, keep_pool, split_size)
         if isinstance(source, ImageSource):
             total = min(len(source), limit) if limit else len(source)
             batches = source.batches(self.batch_size, limit)
         else:
             batches = source
-        pool_acc = GaussianAccumulator() if "pool" in want else None
-        spatial_acc = GaussianAccumulator() if "spatial" in want else None
-        is_acc = InceptionScoreAccumulator(split_size) if "is" in want else None
-        kept, n, shape = [], 0, ()
+        shape = ()
         for batch in batches:
             batch = check_uint8_batch(batch)
             shape = shape or batch.shape[1:]
             if batch.shape[1:] != shape:
                 raise UvitError(f"batch of shape {batch.shape[1:]} after {shape}: all images must share one size")
-            out = self.run(batch)
-            if pool_acc is not None:
-                pool_acc.update(out.pool)
-            if spatial_acc is not None:
-                spatial_acc.update(out.spatial)
-            if is_acc is not None:
-                is_acc.update(out.logits)
-            if keep_pool:
-                kept.append(out.pool.cpu().numpy())
-            n += len(batch)
+            acc.update(self.outputs(batch, acc.outputs))
             if progress is not None:
-                progress(n, total or n)
-        if n == 0:
+                progress(acc.n, total or acc.n)
+        return acc.result(shape)
+
+
+class FeatureAccumulator:
+    """What one pass over a set keeps from per-batch network outputs (dicts of ``pool`` / ``spatial`` /
+    ``logits`` arrays): Gaussian sums, IS split sums and, with ``keep_pool``, the pool features. Fed the same
+    batches in the same order, it gives the same bits, whichever process computed them."""
+
+    def __init__(self, want: Iterable[str] = ("pool", "spatial", "is"), keep_pool: bool = False,
+                 split_size: int = SPLIT_SIZE):
+        want = set(want)
+        self.keep_pool = keep_pool
+        self.pool = GaussianAccumulator() if "pool" in want else None
+        self.spatial = GaussianAccumulator() if "spatial" in want else None
+        self.is_acc = InceptionScoreAccumulator(split_size) if "is" in want else None
+        # the network outputs the accumulators read
+        self.outputs = tuple(k for k, on in (("pool", self.pool is not None or keep_pool),
+                                             ("spatial", self.spatial is not None),
+                                             ("logits", self.is_acc is not None)) if on)
+        self.kept: list[np.ndarray] = []
+        self.n = 0
+
+    def update(self, out: dict) -> None:
+        if self.pool is not None:
+            self.pool.update(out["pool"])
+        if self.spatial is not None:
+            self.spatial.update(out["spatial"])
+        if self.is_acc is not None:
+            self.is_acc.update(out["logits"])
+        if self.keep_pool:
+            self.kept.append(np.asarray(out["pool"], dtype=np.float32))
+        self.n += len(next(iter(out.values())))
+
+    def result(self, shape: tuple = ()) -> Features:
+        if self.n == 0:
             raise UvitError("no images to score")
         return Features(
-            n=n,
-            pool=pool_acc.result() if pool_acc is not None else None,
-            spatial=spatial_acc.result() if spatial_acc is not None else None,
-            inception_score=is_acc.result() if is_acc is not None else None,
-            pool_features=np.concatenate(kept) if keep_pool else None,
+            n=self.n,
+            pool=self.pool.result() if self.pool is not None else None,
+            spatial=self.spatial.result() if self.spatial is not None else None,
+            inception_score=self.is_acc.result() if self.is_acc is not None else None,
+            pool_features=np.concatenate(self.kept) if self.keep_pool else None,
             shape=tuple(shape),
         )

@@ -1,8 +1,9 @@
 """Score a model: sample with the recipe's evaluation protocol, then :func:`evaluate` the samples.
 
 The protocol (the paper's): EMA weights, guidance w and sampler/steps from the recipe, balanced classes
-(sample i gets class i mod K) or seeded random classes, and per-sample seeds (sample i uses seed + i), so a
-result does not depend on batch size, device count or interruptions.
+(sample i gets class i mod K) or seeded random classes, for text models the MS-COCO caption draw
+(metrics/captions.py), and per-sample seeds (sample i uses seed + i), so a result does not depend on batch size,
+process count or interruptions.
 """
 
 from __future__ import annotations
@@ -10,17 +11,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from ..build import build_decoder, nfe_per_sample
+from ..build import build_decoder, build_text_encoder, nfe_per_sample
+from ..data.latents import MANIFEST, check_latents_against_recipe, open_latents
 from ..errors import UvitError
+from ..files import sha256_file
 from ..generate import generate
 from ..recipe import recipe_to_dict
+from .captions import CaptionConditions, cache_conditions, prompt_conditions, read_prompts_file
 from .evaluate import evaluate
+from .parts import Tracker
 from .sample_store import sample_to_npz
 from .sources import ArraySource
 
@@ -28,10 +34,7 @@ log = logging.getLogger(__name__)
 
 
 def class_labels(recipe, n: int, seed: int = 0) -> Optional[np.ndarray]:
-    """Class ids for n samples: balanced (i mod K, the paper protocol) or seeded uniform; None if unconditional."""
-    if recipe.conditioning == "text":
-        raise UvitError("scoring a text-to-image model needs captions (MS-COCO protocol), which `uvit fid` does not "
-                        "sample yet; sample to an .npz with `uvit sample` and score that file")
+    """Class ids for n samples: balanced (i mod K, the paper protocol) or seeded uniform; None otherwise."""
     if recipe.conditioning != "class":
         return None
     k = recipe.model.num_classes
@@ -40,9 +43,73 @@ def class_labels(recipe, n: int, seed: int = 0) -> Optional[np.ndarray]:
     return (np.arange(n) % k).astype(np.int64)
 
 
+@dataclass
+class EvalConditions:
+    """What conditions evaluation sample i: class ids (written as labels), caption contexts, or nothing."""
+
+    labels: Optional[np.ndarray] = None
+    captions: Optional[CaptionConditions] = None
+
+    @property
+    def card(self) -> dict:
+        return self.captions.card if self.captions is not None else {}
+
+    @property
+    def null_context(self):
+        return self.captions.null_context if self.captions is not None else None
+
+    def batch(self, start: int, stop: int):
+        if self.labels is not None:
+            return torch.from_numpy(self.labels[start:stop])
+        if self.captions is not None:
+            return self.captions.contexts(start, stop)
+        return None
+
+
+def open_captions(recipe, n: int, seed: int, *, captions: str | Path | None = None,
+                  prompts_file: str | Path | None = None, device="cpu", text_encoder: str | None = None,
+                  allow_download: bool | None = None) -> CaptionConditions:
+    """The caption conditions of a text model's evaluation: an encoded val cache (``captions``, default
+    ``eval.captions``; a .txt there is read as a prompts file) drawn with the MS-COCO protocol, or a prompts file
+    in order, encoded with the recipe's text encoder."""
+    spec = prompts_file or captions or recipe.eval.captions
+    if not spec:
+        raise UvitError("scoring a text-to-image model needs captions: encode the val split (`uvit encode-latents "
+                        "coco --split val`) and pass --captions data/coco256_latents_val (or set eval.captions), "
+                        "or pass --prompts-file FILE with one prompt per line")
+    path = Path(spec)
+    if prompts_file is not None or path.suffix == ".txt":
+        encoder = build_text_encoder(recipe, device, text_encoder, allow_download)
+        return prompt_conditions(read_prompts_file(path), encoder, n, source=str(path))
+    if not path.is_dir():
+        raise UvitError(f"captions {path} does not exist: encode the val split with `uvit encode-latents coco "
+                        f"--split val --out {path}`, or pass --prompts-file FILE")
+    cache = open_latents(path)
+    if not cache.is_text:
+        raise UvitError(f"{path} holds no captions (it was encoded from {cache.manifest['conditioning']} data); "
+                        "pass the cache of `uvit encode-latents coco --split val`")
+    check_latents_against_recipe(cache, recipe)
+    conditions = cache_conditions(cache, n, seed, source=str(path), source_sha256=sha256_file(path / MANIFEST))
+    if recipe.sample.cfg_scale != 1.0 and conditions.null_context is None:
+        raise UvitError(f"{path} stores no empty-prompt context, which guidance (w={recipe.sample.cfg_scale:g}) "
+                        "needs; re-encode it with `uvit encode-latents`")
+    return conditions
+
+
+def eval_conditions(recipe, n: int, seed: int = 0, captions: Optional[CaptionConditions] = None) -> EvalConditions:
+    """The conditions of n evaluation samples: the recipe's class protocol, or ``captions`` for a text model."""
+    if recipe.conditioning == "text":
+        if captions is None:
+            captions = open_captions(recipe, n, seed)
+        return EvalConditions(captions=captions)
+    return EvalConditions(labels=class_labels(recipe, n, seed))
+
+
 def sampling_card(recipe, *, num_samples: int, seed: int, weights: str = "ema", checkpoint: str | None = None,
-                  checkpoint_sha256: str | None = None, precision: str = "fp32") -> dict:
-    """The sampling half of the protocol card."""
+                  checkpoint_sha256: str | None = None, precision: str = "fp32",
+                  conditions: Optional[EvalConditions] = None, forward_batch: int | None = None,
+                  device_type: str | None = None, compiled: bool = False) -> dict:
+    """The sampling half of the protocol card (with the caption draw of a text model)."""
     s = recipe.sample
     card = {"recipe": recipe.name, "weights": weights, "sampler": s.sampler, "steps": s.steps,
             "nfe": nfe_per_sample(recipe), "guidance_w": s.cfg_scale,
@@ -51,6 +118,14 @@ def sampling_card(recipe, *, num_samples: int, seed: int, weights: str = "ema", 
             "seeds": f"{seed}..{seed + num_samples - 1} (one per sample)", "precision": precision}
     if s.sampler.startswith("dpm_solver") and s.sampler != "dpm_solver_pp_2m":
         card.update(order=s.order, fast=s.fast)
+    if conditions is not None:
+        card.update(conditions.card)
+    if forward_batch:
+        card["forward_batch"] = forward_batch        # images depend on it in the last bits
+    if device_type:
+        card["device_type"] = device_type
+    if compiled:
+        card["compile"] = True
     if checkpoint:
         card["checkpoint"] = str(checkpoint)
     if checkpoint_sha256:
@@ -68,21 +143,23 @@ def evaluate_model(model, recipe, *, num_samples: int, device: str = "cpu", prec
     """Sample ``num_samples`` in memory with the recipe's protocol and score them with ``recipe.eval``.
 
     Returns the metric values plus "protocol" (the card). For ``eval.mode: digits`` the values are fd_digits and
-    acc_digits (a CPU domain metric, not Inception FID). Used by the training monitor and the ablation suite.
+    acc_digits (a CPU domain metric, not Inception FID). Used by the training monitor and the ablation suite (one
+    process; text models draw their captions from ``eval.captions``).
     """
-    labels = class_labels(recipe, num_samples, seed)
+    conditions = eval_conditions(recipe, num_samples, seed)
     seeds = list(range(seed, seed + num_samples))
     was_training = model.training
     model.eval()
     try:
-        images = generate(model, recipe, seeds, None if labels is None else torch.from_numpy(labels),
-                          batch_size=batch_size, device=device, precision=precision,
-                          decoder=_decoder(recipe, device, decoder), progress=progress)
+        images = generate(model, recipe, seeds, conditions.batch(0, num_samples), batch_size=batch_size,
+                          device=device, precision=precision, decoder=_decoder(recipe, device, decoder),
+                          null_context=conditions.null_context, progress=progress)
     finally:
         model.train(was_training)
     images = images.cpu().numpy() if hasattr(images, "cpu") else np.asarray(images)
-    card = sampling_card(recipe, num_samples=num_samples, seed=seed, weights=weights, precision=precision)
-    result = evaluate(ArraySource(images, labels, name="in-memory samples"), recipe.eval.ref or None,
+    card = sampling_card(recipe, num_samples=num_samples, seed=seed, weights=weights, precision=precision,
+                         conditions=conditions)
+    result = evaluate(ArraySource(images, conditions.labels, name="in-memory samples"), recipe.eval.ref or None,
                       metrics=recipe.eval.metrics, mode=recipe.eval.mode, batch_size=recipe.eval.batch_size,
                       device=str(device), protocol=card)
     return {**result.metrics, "protocol": result.protocol}
@@ -109,20 +186,25 @@ def samples_path(target: Path, recipe, num_samples: int, meta: dict) -> Path:
 
 def sample_for_eval(model, recipe, out: str | Path, num_samples: int, *, meta: dict, seed: int = 0,
                     device: str = "cpu", precision: str = "fp32", batch_size: Optional[int] = None, decoder=None,
-                    chunk: int = 1000, progress: Optional[Callable[[int, int], None]] = None) -> Path:
-    """Sample into a resumable .npz (sample_store) with the recipe's protocol; returns its path."""
-    labels = class_labels(recipe, num_samples, seed)
+                    chunk: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None,
+                    conditions: Optional[EvalConditions] = None, forward_batch: Optional[int] = None,
+                    all_ranks: bool = False) -> tuple[Path, list[int]]:
+    """Sample into a resumable .npz (sample_store) with the recipe's protocol; returns (its path, the chunks
+    drawn now). ``all_ranks``: every rank of a torchrun job calls this and draws its share of the chunks."""
+    conditions = conditions or eval_conditions(recipe, num_samples, seed)
     decoder = _decoder(recipe, device, decoder)
     model.eval()
+    tracker = Tracker(progress)
 
     def make(start: int, stop: int):
-        cond = None if labels is None else torch.from_numpy(labels[start:stop])
-        images = generate(model, recipe, list(range(seed + start, seed + stop)), cond, batch_size=batch_size,
-                          device=device, precision=precision, decoder=decoder)
+        images = generate(model, recipe, list(range(seed + start, seed + stop)), conditions.batch(start, stop),
+                          batch_size=batch_size, device=device, precision=precision, decoder=decoder,
+                          null_context=conditions.null_context, forward_batch=forward_batch,
+                          progress=lambda done, total: tracker.inflight(start, done / total))
         images = images.cpu().numpy() if hasattr(images, "cpu") else np.asarray(images)
-        return images, None if labels is None else labels[start:stop]
+        return images, None if conditions.labels is None else conditions.labels[start:stop]
 
-    return sample_to_npz(out, num_samples, make, meta=meta, chunk=chunk, progress=progress)
+    return sample_to_npz(out, num_samples, make, meta=meta, chunk=chunk, tracker=tracker, all_ranks=all_ranks)
 
 
 def monitor_record(ema, recipe, device) -> dict | None:

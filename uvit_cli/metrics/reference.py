@@ -47,7 +47,7 @@ class Reference:
     sha256: str
     pool: Optional[GaussianStats] = None       # FID statistics (2048-d; 64-d for digits)
     spatial: Optional[GaussianStats] = None    # sFID statistics (2023-d)
-    pool_features: Optional[np.ndarray] = None  # per-image pool features (precision/recall)
+    pool_features: Optional[np.ndarray] = None  # per-image pool features (precision/recall, KID)
     mode: Optional[str] = None                 # pipeline that produced the statistics, when known
     count: Optional[int] = None
     shape: Optional[tuple] = None              # (H, W, C) of the reference images, when known
@@ -143,7 +143,7 @@ def load_reference(ref: str | Path, *, need: set, extract: Callable[[ImageSource
             return base
         if "arr_0" not in npz_keys(path):
             what = {"spatial": "sFID statistics (mu_s, sigma_s)", "pool": "FID statistics (mu, sigma)",
-                    "pool_features": "per-image features for precision/recall (ADM keeps them as arr_0 images)"}
+                    "pool_features": "per-image features for precision/recall/KID (ADM keeps them as arr_0 images)"}
             raise UvitError(f"{path} ({base.kind}) has no {' or '.join(what[m] for m in sorted(missing))}; drop "
                             "those metrics from --metrics, or pass an ADM reference batch / an image folder as --ref")
     source = open_source(path, channels=channels)

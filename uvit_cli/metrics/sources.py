@@ -36,7 +36,8 @@ class ImageSource:
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
+    def batches(self, batch_size: int, limit: int | None = None, start: int = 0) -> Iterator[np.ndarray]:
+        """uint8 batches of images start..limit-1 (limit: an index, default the end)."""
         raise NotImplementedError
 
     def sha256(self) -> str:
@@ -90,8 +91,8 @@ class FolderSource(ImageSource):
     def __len__(self) -> int:
         return len(self.files)
 
-    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
-        files = self.files[:limit] if limit else self.files
+    def batches(self, batch_size: int, limit: int | None = None, start: int = 0) -> Iterator[np.ndarray]:
+        files = (self.files[:limit] if limit else self.files)[start:]
 
         def load(chunk):
             imgs = [self._read(p) for p in chunk]
@@ -203,24 +204,47 @@ class NpzSource(ImageSource):
                 raise UvitError(f"{self.path} {self.key} contains NaN or inf values (first at sample {first}): the "
                                 "sampler diverged; regenerate those samples (check precision and guidance scale)")
 
-    def _raw_batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
+    def _raw_batches(self, batch_size: int, limit: int | None = None, first: int = 0) -> Iterator[np.ndarray]:
         shape = self._offset_shape
         per = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
         n = shape[0] if limit is None else min(limit, shape[0])
-        with self._open() as f:
-            _npy_header(f)
-            for start in range(0, n, batch_size):
+        row = per * self.dtype.itemsize
+        with self._open_at(first * row) as f:
+            for start in range(first, n, batch_size):
                 m = min(batch_size, n - start)
-                buf = f.read(m * per * self.dtype.itemsize)
-                if len(buf) != m * per * self.dtype.itemsize:
+                buf = f.read(m * row)
+                if len(buf) != m * row:
                     raise UvitError(f"{self.path} ends early (sample {start}); the file is truncated")
                 yield np.frombuffer(buf, dtype=self.dtype).reshape(m, *shape[1:])
+
+    @contextmanager
+    def _open_at(self, offset: int):
+        """The array's bytes from ``offset`` on: an uncompressed member (what np.savez and the sample store
+        write) is read straight from the file at its data offset, so a rank scoring the last part of a large file
+        does not read through the rest; a compressed one is read through."""
+        with zipfile.ZipFile(self.path) as z:
+            info = z.getinfo(f"{self.key}.npy")
+        if info.compress_type != zipfile.ZIP_STORED or not offset:
+            with self._open() as f:
+                _npy_header(f)
+                while offset:                        # read through (compressed members cannot seek)
+                    offset -= len(f.read(min(offset, 1 << 24)))
+                yield f
+            return
+        with open(self.path, "rb") as raw:
+            raw.seek(info.header_offset)
+            local = raw.read(30)                     # the local file header: name and extra field lengths at 26, 28
+            name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+            raw.seek(info.header_offset + 30 + name_len + extra_len)
+            _npy_header(raw)
+            raw.seek(offset, 1)
+            yield raw
 
     def __len__(self) -> int:
         return self._n
 
-    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
-        for b in prefetch(self._raw_batches(batch_size, limit)):
+    def batches(self, batch_size: int, limit: int | None = None, start: int = 0) -> Iterator[np.ndarray]:
+        for b in prefetch(self._raw_batches(batch_size, limit, start)):
             yield b if b.ndim == 4 else b[..., None]
 
     def sha256(self) -> str:
@@ -267,9 +291,9 @@ class ArraySource(ImageSource):
     def __len__(self) -> int:
         return len(self.images)
 
-    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
+    def batches(self, batch_size: int, limit: int | None = None, start: int = 0) -> Iterator[np.ndarray]:
         n = len(self) if limit is None else min(limit, len(self))
-        for i in range(0, n, batch_size):
+        for i in range(start, n, batch_size):
             yield self.images[i:min(i + batch_size, n)]
 
     def sha256(self) -> str:
