@@ -231,3 +231,77 @@ def test_dry_run_lists_variants_without_training(tmp_path, capsys):
     for v in ("skip_linear_sum", "time_adaln", "pos_none", "model.skip=none"):
         assert v in text
     assert not (tmp_path / "o").exists()
+
+
+def test_seeds_and_nfe_evaluations_end_to_end(tmp_path, capsys):
+    """``seeds: 2`` trains each variant twice (train.seed + 0, + 1) into its own run; ``eval_steps`` scores the final
+    weights at each sampler step count (the recipe's own count reuses the monitor's value); the report shows mean +-
+    sd, judges claims by the spread, and has one column per NFE; a later eval_steps entry is added on --resume
+    without retraining."""
+    import numpy as np
+    from scipy.stats import t as student
+
+    suite, out = write_suite(tmp_path, seeds=2, eval_steps=[2, 4]), tmp_path / "out"
+    code, text = run([suite, "--out", out], capsys)
+    assert code == 0, text
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == ["base", "base+seed1", "skip_none", "skip_none+seed1"]
+    seeds = {n: yaml.safe_load((out / "runs" / n / "recipe.yaml").read_text())["train"]["seed"] for n in runs}
+    assert seeds["base+seed1"] == seeds["base"] + 1 and seeds["skip_none+seed1"] == seeds["skip_none"] + 1
+
+    rows = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
+    main = [r for r in rows if "sampler_steps" not in r]
+    nfe = [r for r in rows if "sampler_steps" in r]
+    assert {(r["variant"], r["seed"], r["step"]) for r in main} == \
+        {(v, k, s) for v in ("base", "skip_none") for k in (0, 1) for s in (2, 4)}
+    assert {(r["variant"], r["seed"], r["sampler_steps"], r["nfe"]) for r in nfe} == \
+        {(v, k, s, s) for v in ("base", "skip_none") for k in (0, 1) for s in (2, 4)}  # dpm_solver fast: NFE = steps
+    value = {(r["variant"], r["seed"]): r["value"] for r in main if r["step"] == 4}
+    for r in nfe:  # 4 steps is the recipe's own count: the monitor's value
+        if r["sampler_steps"] == 4:
+            assert r["value"] == value[(r["variant"], r["seed"])]
+    assert value[("base", 0)] != value[("base", 1)]  # another seed, another model
+
+    table = (out / "results.md").read_text()
+    mean = {v: np.mean([value[(v, k)] for k in (0, 1)]) for v in ("base", "skip_none")}
+    sd = {v: np.std([value[(v, k)] for k in (0, 1)], ddof=1) for v in ("base", "skip_none")}
+    assert f"{mean['base']:.4g} ± {sd['base']:.2g}" in table and "t-test" in table
+    margin = student.ppf(0.975, 2) * np.sqrt((sd["base"] ** 2 + sd["skip_none"] ** 2) / 2)
+    holds = mean["skip_none"] - mean["base"] > margin
+    assert (f"| `base > skip_none` | {mean['base']:.4g} ± {sd['base']:.2g} vs "
+            f"{mean['skip_none']:.4g} ± {sd['skip_none']:.2g} |") in table
+    assert f"**Reproduced at this scale:** {'reproduced' if holds else 'not reproduced'}" in table
+    assert "| variant | NFE 2 | NFE 4 |" in table
+    assert (out / "figures" / "long_skip_nfe.png").read_bytes()[:4] == b"\x89PNG"
+
+    # A new NFE on --resume: evaluated from the kept weights, nothing retrained.
+    before = {n: _mtimes(out / "runs" / n) for n in runs}
+    suite3 = write_suite(tmp_path, seeds=2, eval_steps=[2, 3, 4])
+    code, text = run([suite3, "--out", out, "--resume"], capsys)
+    assert code == 0, text
+    assert {n: _mtimes(out / "runs" / n) for n in runs} == before
+    rows = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["sampler_steps"] for r in rows if "sampler_steps" in r} == {2, 3, 4}
+    assert "| variant | NFE 2 | NFE 3 | NFE 4 |" in (out / "results.md").read_text()
+
+
+def test_claims_with_seeds_use_the_spread_of_the_means():
+    from uvit_cli.ablation.report import Stat, spread_margin
+
+    s = suite_from_dict(suite_dict(seeds=3))
+    c = Claim("base", ">", "skip_none")
+    noisy = {"base": Stat(10.0, 0.5, 3), "skip_none": Stat(11.0, 0.5, 3)}     # 9 % better, but noisy seeds
+    tight = {"base": Stat(10.0, 0.2, 3), "skip_none": Stat(11.0, 0.2, 3)}
+    assert spread_margin(noisy["base"], noisy["skip_none"]) == pytest.approx(2.776 * (0.5 / 3) ** 0.5, rel=1e-3)
+    assert not check_claim(c, noisy, s).holds and check_claim(Claim("base", "~", "skip_none"), noisy, s).holds
+    assert check_claim(c, tight, s).holds                   # the same gap clears a small spread
+    one_seed = check_claim(c, {"base": 10.0, "skip_none": 11.0}, s)   # plain values: the fixed tie tolerance
+    assert one_seed.holds and one_seed.margin == s.tie_tolerance
+
+
+def test_dry_run_prints_the_command_and_the_trainings(tmp_path, capsys):
+    code, text = run(["digits_long_skip_13", "--dry-run", "--out", tmp_path / "o", "--seeds", "2"], capsys)
+    assert code == 0, text
+    assert "5 variants x 2 seed(s) = 10 trainings" in text
+    assert f"uvit ablate digits_long_skip_13 --out {tmp_path / 'o'} --seeds 2" in text
+    assert not (tmp_path / "o").exists()

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 import uvit_cli
-from uvit_cli.recipe import (Crop, EvalMode, ExportFormat, Formulation, Metric, Precision, Sampler, SkipMode,
-                             Spacing, Tracker, Weights, choices)
+from uvit_cli.recipe import (PREDICTIONS_FOR, SAMPLERS_FOR, Crop, EvalMode, ExportFormat, Formulation, LossWeighting,
+                             Metric, Precision, Prediction, Sampler, SkipMode, Spacing, TimeSampling, Tracker, Weights,
+                             choices)
 
 PACKAGE = Path(uvit_cli.__file__).parent
 
@@ -154,9 +155,18 @@ def test_every_list_of_choices_agrees_with_the_recipe():
     for kind in VAES:  # every encode-latents kind is a source kind
         with pytest.raises(UvitError, match="does not exist|missing"):
             open_source(kind, "/nonexistent/path")
+    from uvit_cli.diffusion import LOSS_WEIGHTINGS, PREDICTIONS, TIME_SAMPLINGS
+
+    assert ("auto", *PREDICTIONS) == choices(Prediction)
+    assert TIME_SAMPLINGS == choices(TimeSampling) and LOSS_WEIGHTINGS == choices(LossWeighting)
+    assert set(SAMPLERS_FOR) == set(PREDICTIONS_FOR) == set(choices(Formulation))
     base = load_recipe("digits_uvit_tiny")
-    for f in choices(Formulation):  # every formulation builds a schedule
-        assert build_schedule(replace(base, diffusion={"formulation": f})).kind == f
+    for f in choices(Formulation):  # every formulation builds a schedule, with every target and sampler it lists
+        assert set(SAMPLERS_FOR[f]) <= set(choices(Sampler)) and set(PREDICTIONS_FOR[f]) <= set(PREDICTIONS)
+        schedule = build_schedule(replace(base, diffusion={"formulation": f}))
+        assert schedule.kind == f and schedule.target.name == PREDICTIONS_FOR[f][0] == schedule.default_prediction
+        for p in PREDICTIONS_FOR[f]:
+            assert build_schedule(replace(base, diffusion={"formulation": f, "prediction": p})).target.name == p
 
 
 def test_no_dependency_is_capped_or_pinned():

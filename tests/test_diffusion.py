@@ -1,4 +1,5 @@
-"""The two formulations: marginals, time conventions, forward noising and the training loss."""
+"""The formulations (VP-SDE, discrete, flow): marginals, time conventions, forward noising, prediction targets,
+time sampling, min-SNR weighting and the training loss."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from uvit_cli.build import build_schedule
-from uvit_cli.diffusion import DiscreteSchedule, VPSchedule
+from uvit_cli.diffusion import DiscreteSchedule, FlowSchedule, Objective, VPSchedule
 from uvit_cli.recipe import load_recipe
 
 
@@ -119,3 +120,126 @@ def test_training_inputs_map_uniform_draws_to_each_formulation():
         sg = s.marginal_sigma(t).float().view(-1, 1, 1, 1)
         assert torch.allclose(xt, a * x0 + sg * noise, atol=1e-5)
     assert torch.allclose(vp.training_inputs(x0, u, noise)[1], 999 * u)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Flow, prediction targets, time sampling, min-SNR
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_flow_path_marginals_and_time_convention():
+    s = FlowSchedule()
+    t = torch.tensor([1e-3, 0.1, 0.5, 0.9, 0.993], dtype=torch.float64)
+    assert torch.allclose(s.marginal_alpha(t), 1 - t) and torch.allclose(s.marginal_sigma(t), t)
+    assert torch.allclose(s.marginal_lambda(t), torch.log((1 - t) / t), atol=1e-12)
+    assert torch.allclose(s.inverse_lambda(s.marginal_lambda(t)), t, atol=1e-12)
+    assert float(s.net_time(0.5)) == pytest.approx(499.5)        # the network sees 999 t, like the VP-SDE
+    u = torch.rand(64, generator=torch.Generator().manual_seed(0))
+    tt, net = s.times_from_uniform(u)
+    assert torch.equal(tt, u) and torch.allclose(net, 999 * u)
+    # lambda is finite at both default ends (DPM-Solver steps in lambda), the same range as the VP-SDE's DPM-Solver
+    vp_range = VPSchedule().marginal_lambda(torch.tensor([1.0, 1e-4]))
+    flow_range = s.marginal_lambda(torch.tensor([s.t_start, s.default_t_end("dpm_solver")]))
+    assert torch.allclose(flow_range, vp_range, atol=0.1)
+
+
+@pytest.mark.parametrize("schedule", [VPSchedule(), DiscreteSchedule(), FlowSchedule()])
+def test_marginal_derivatives_are_the_slopes_of_alpha_and_sigma(schedule):
+    for t in (0.0123, 0.3337, 0.9071):
+        h = 1e-6
+        da, ds = schedule.marginal_derivatives(t)
+        num_a = (float(schedule.marginal_alpha(t + h)) - float(schedule.marginal_alpha(t - h))) / (2 * h)
+        num_s = (float(schedule.marginal_sigma(t + h)) - float(schedule.marginal_sigma(t - h))) / (2 * h)
+        assert math.isclose(da, num_a, rel_tol=1e-5) and math.isclose(ds, num_s, rel_tol=1e-5)
+
+
+PAIRS = [(VPSchedule, "eps"), (VPSchedule, "v"), (VPSchedule, "x0"), (DiscreteSchedule, "v"),
+         (FlowSchedule, "velocity"), (FlowSchedule, "eps"), (FlowSchedule, "x0")]
+
+
+@pytest.mark.parametrize("make,prediction", PAIRS, ids=lambda v: getattr(v, "__name__", v))
+def test_each_target_trains_its_definition_and_converts_back_exactly(make, prediction):
+    s = make(objective=Objective(prediction=prediction))
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(6, 2, 4, 4, generator=g, dtype=torch.float64), torch.randn(6, 2, 4, 4, generator=g,
+                                                                                      dtype=torch.float64)
+    t = 0.37
+    a, sg = s.coefficients(t)
+    want = {"eps": noise, "x0": x0, "v": a * noise - sg * x0, "velocity": noise - x0}[prediction]
+    target = s.loss_target(x0, noise, torch.full((6,), t, dtype=torch.float64))
+    assert torch.allclose(target, want, atol=1e-12)
+    x = a * x0 + sg * noise
+    assert torch.allclose(s.eps(target, x, t), noise, atol=1e-10)
+    assert torch.allclose(s.x0(target, x, t), x0, atol=1e-10)
+    # the probability-flow ODE's drift is the path's own velocity d alpha/dt x0 + d sigma/dt eps
+    da, ds = s.marginal_derivatives(t)
+    assert torch.allclose(s.pf_ode_drift(target, x, t), da * x0 + ds * noise, atol=1e-9)
+
+
+@pytest.mark.parametrize("make,prediction", PAIRS, ids=lambda v: getattr(v, "__name__", v))
+def test_min_snr_weight_is_min_snr_gamma_in_x0_units(make, prediction):
+    """Hang et al. 2023: whatever the target, weight x |target error|^2 = min(SNR, gamma) x |x0 error|^2."""
+    s = make(objective=Objective(prediction=prediction, loss_weighting="min_snr", min_snr_gamma=5.0))
+    g = torch.Generator().manual_seed(4)
+    x0, noise, err = (torch.randn(3, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    for t in (0.02, 0.2, 0.5, 0.9):
+        a, sg = s.coefficients(t)
+        x = a * x0 + sg * noise
+        target = s.loss_target(x0, noise, torch.full((3,), t, dtype=torch.float64))
+        x0_err = s.x0(target + 1e-3 * err, x, t) - x0
+        w = float(s.loss_weight(torch.tensor([t], dtype=torch.float64)))
+        lhs = w * (1e-3 * err).square().mean()
+        rhs = min((a / sg) ** 2, 5.0) * x0_err.square().mean()
+        assert math.isclose(float(lhs), float(rhs), rel_tol=1e-9), (prediction, t)
+
+
+def test_min_snr_weights_are_finite_at_the_ends_of_the_path():
+    for make, prediction in PAIRS:
+        s = make(objective=Objective(prediction=prediction, loss_weighting="min_snr"))
+        ends = [1e-3, 1.0] if make is DiscreteSchedule else [0.0, 1e-7, 0.999999, 1.0]  # discrete: t = n / N
+        w = s.loss_weight(torch.tensor(ends, dtype=torch.float64))
+        assert torch.isfinite(w).all() and (w >= 0).all(), (make.__name__, prediction, w)
+
+
+def test_logit_normal_times_are_sigmoid_of_a_normal_quantile():
+    from scipy.stats import norm
+
+    obj = Objective(time_sampling="logit_normal", logit_mean=0.3, logit_std=0.8)
+    u = torch.tensor([0.0, float(norm.cdf(-1.0)), 0.5, float(norm.cdf(2.0))])
+    t = obj.draw(u)
+    assert float(t[0]) == 0.0
+    logit = torch.log(t[1:] / (1 - t[1:]))
+    assert torch.allclose(logit, torch.tensor([0.3 - 0.8, 0.3, 0.3 + 1.6], dtype=torch.float64), atol=1e-6)
+    # the stream's u stays the only randomness: the same u, the same time, for every formulation
+    for s in (VPSchedule(objective=obj), DiscreteSchedule(objective=obj), FlowSchedule(obj)):
+        a, _ = s.times_from_uniform(u)
+        b, _ = s.times_from_uniform(u.clone())
+        assert torch.equal(a, b)
+    flow_t, _ = FlowSchedule(obj).times_from_uniform(u)
+    assert torch.allclose(flow_t.double(), t, atol=1e-7)
+    # uniform keeps the draw itself (the official runs' times, bit for bit)
+    assert Objective().draw(u) is u
+
+
+def test_min_snr_loss_is_the_weighted_plain_loss():
+    g = torch.Generator().manual_seed(5)
+    x0, noise, u = torch.randn(5, 1, 4, 4, generator=g), torch.randn(5, 1, 4, 4, generator=g), torch.rand(5, generator=g)
+
+    def model(xt, t_net, y=None):
+        return torch.full_like(xt, 0.2)
+
+    plain = FlowSchedule().loss(model, x0, None, u, noise)
+    weighted_schedule = FlowSchedule(Objective(prediction="velocity", loss_weighting="min_snr"))
+    weighted = weighted_schedule.loss(model, x0, None, u, noise)
+    t, _ = weighted_schedule.times_from_uniform(u)
+    assert torch.allclose(weighted, plain * weighted_schedule.loss_weight(t).float(), atol=1e-7)
+    assert torch.allclose(plain, ((0.2 - (noise - x0)) ** 2).mean(dim=(1, 2, 3)), atol=1e-6)
+
+
+def test_build_schedule_maps_the_new_recipe_fields():
+    flow = build_schedule(load_recipe("digits_flow_uvit_tiny"))
+    assert isinstance(flow, FlowSchedule) and flow.target.name == "velocity"
+    r = load_recipe("digits_uvit_tiny", ["diffusion.prediction=v", "train.time_sampling=logit_normal",
+                                         "train.logit_std=0.5", "train.loss_weighting=min_snr", "train.min_snr_gamma=3"])
+    s = build_schedule(r)
+    assert s.target.name == "v" and s.objective == Objective("v", "logit_normal", 0.0, 0.5, "min_snr", 3.0)
+    assert build_schedule(load_recipe("cifar10_uvit_s2")).objective == Objective()  # the official runs: unchanged

@@ -185,11 +185,13 @@ def test_the_exported_schedulers_reproduce_the_official_samplers_where_the_card_
 
 def test_every_sampler_has_a_scheduler_and_every_format_a_writer():
     from uvit_cli.export import EXPORTERS, SCHEDULERS, build_scheduler
-    from uvit_cli.recipe import ExportFormat, Sampler, choices
+    from uvit_cli.recipe import SAMPLERS_FOR, ExportFormat, Formulation, Sampler, choices
 
     assert tuple(SCHEDULERS) == choices(Sampler) and tuple(EXPORTERS) == choices(ExportFormat)
     for sampler in choices(Sampler):
-        for formulation in ("vp", "discrete"):
+        for formulation in choices(Formulation):
+            if sampler not in SAMPLERS_FOR[formulation]:
+                continue
             r = load_recipe("digits_uvit_tiny", [f"sample.sampler={sampler}", f"diffusion.formulation={formulation}"])
             scheduler, note = build_scheduler(r)
             scheduler.set_timesteps(10)
@@ -242,3 +244,18 @@ def test_push_to_hub_dry_run_and_through_a_stand_in(digits_run, tmp_path, monkey
     res = uvit("export", digits_run, "--format", "safetensors", "--out", tmp_path / "w.safetensors",
                "--push-to-hub", "me/x")
     assert res.returncode == 2 and "--format diffusers" in res.stderr
+
+
+def test_a_flow_model_sees_its_own_time_through_the_flow_matching_scheduler():
+    from uvit_cli.diffusers_model import UViTModel
+    from uvit_cli.export import build_scheduler
+
+    r = load_recipe("digits_flow_uvit_tiny", ["model.num_layers=3", "model.embed_dim=32", "model.num_heads=2"])
+    scheduler, note = build_scheduler(r)
+    assert type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and "flow matching" in note
+    scheduler.set_timesteps(4)
+    from uvit_cli.build import build_model
+
+    model = UViTModel.from_uvit(build_model(r), r)
+    t = scheduler.timesteps[1] / 1000                     # FlowMatch timesteps are 1000 sigma, sigma = t
+    assert torch.allclose(model.network_time(scheduler.timesteps[1], 1), (999 * t).float().reshape(1), atol=1e-3)

@@ -207,3 +207,87 @@ def test_generate_with_the_exact_denoiser_draws_training_digits_of_the_class(sam
     nearest = d.argmin(1)
     assert torch.equal(y[nearest], classes)
     assert d.min(1).values.max() < 3.0, d.min(1).values  # within a few uint8 levels of a training image
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Guidance interval: guided inside [t_lo, t_hi], the conditional model outside, counted honestly
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_guidance_interval_guides_inside_and_is_the_conditional_model_outside():
+    r = class_recipe()
+    m = tiny_model(r)
+    s = build_schedule(r)
+    x, cond = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
+    interval = (0.3, 0.6)
+    guided = NoisePredictor(m, s, cond, cfg_scale=2.5, null_cond=10, guidance_interval=interval)
+    plain = NoisePredictor(m, s, cond)
+    full = NoisePredictor(m, s, cond, cfg_scale=2.5, null_cond=10)
+    for t in (0.2, 0.3, 0.45, 0.6, 0.9):
+        inside = interval[0] <= t <= interval[1]
+        assert torch.equal(guided(x, t), (full if inside else plain)(x, t)), t
+    assert guided.nfe == 5 and guided.guided_nfe == 3  # 0.3, 0.45 and 0.6: the ends are inside
+
+
+def test_guidance_interval_counts_nfe_and_forward_cost_on_the_card():
+    from uvit_cli.build import guided_nfe_per_sample
+    from uvit_cli.metrics.model_eval import sampling_card
+    from uvit_cli.sampling import evaluation_times
+
+    r = class_recipe(guidance_interval=[0.2, 0.7], steps=10)
+    m = tiny_model(r)
+    rows = []
+    m.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    stats = {}
+    generate(m, r, list(range(4)), torch.arange(4), forward_batch=4, stats=stats)
+    times = evaluation_times("dpm_solver", build_schedule(r), steps=10)
+    want = sum(0.2 <= t <= 0.7 for t in times)
+    assert 0 < want < 10 and stats["nfe"] == 10 and stats["guided_nfe"] == want == guided_nfe_per_sample(r)
+    # one forward of 2x the batch per guided evaluation, one of the batch per unguided one
+    assert sorted(set(rows)) == [4, 8] and rows.count(8) == want and rows.count(4) == 10 - want
+    card = sampling_card(r, num_samples=4, seed=0)
+    assert card["nfe"] == 10 and card["nfe_guided"] == want and card["forward_cost"] == sum(rows) // 4
+    assert "guidance_interval" in card
+    full = sampling_card(class_recipe(steps=10), num_samples=4, seed=0)   # guided everywhere: cost 2 per NFE
+    assert full["nfe_guided"] == 10 and full["forward_cost"] == 20 and "guidance_interval" not in full
+    assert "nfe_guided" not in sampling_card(replace(r, sample={"cfg_scale": 1.0}), num_samples=4, seed=0)
+
+
+def test_sampling_identity_ignores_the_new_fields_at_their_defaults():
+    """Kept evaluation samples of runs made before the flow fields existed keep their identity."""
+    from uvit_cli.metrics.model_eval import sampling_identity
+
+    r = class_recipe()
+    assert sampling_identity(r) == sampling_identity(replace(r, sample={"guidance_interval": [0.0, 1.0]}))
+    assert sampling_identity(r) != sampling_identity(replace(r, sample={"guidance_interval": [0.1, 1.0]}))
+    assert sampling_identity(r) != sampling_identity(replace(r, diffusion={"prediction": "v"}))
+
+
+class FlowDigitsOracle(DigitsOracle):
+    """The exact velocity E[eps - x0 | x_t, y] of the flow path x_t = (1 - t) x0 + t eps on the training digits."""
+
+    def forward(self, x, t_net, y):
+        t = (t_net.double() / 999)[:, None]
+        a, s = 1 - t, t
+        xf = x.flatten(1).double()
+        d2 = (xf ** 2).sum(1, keepdim=True) - 2 * a * (xf @ self.images.T) + a ** 2 * self.sq[None]
+        allowed = (self.labels[None] == y[:, None]) | (y[:, None] == self.null_class_id)
+        w = torch.softmax((-d2 / (2 * s ** 2)).masked_fill(~allowed, -torch.inf), dim=1)
+        x0 = w @ self.images
+        return ((xf - x0) / s).view_as(x).to(x.dtype)   # velocity = eps - x0 = (x_t - x0) / t
+
+
+@pytest.mark.parametrize("sampler,steps", [("dpm_solver_pp", 25), ("heun", 25), ("euler_maruyama", 250)])
+def test_flow_generate_with_the_exact_velocity_draws_training_digits_of_the_class(sampler, steps):
+    """End to end on the flow formulation (net time 999 t, velocity target, guidance, sampler): with the exact
+    velocity of the training set every sample is (almost) a training digit of the requested class."""
+    from uvit_cli.data.digits import digits_tensors
+    from uvit_cli.recipe import load_recipe
+
+    x, y = digits_tensors()
+    r = load_recipe("digits_flow_uvit_tiny", [f"sample.sampler={sampler}", f"sample.steps={steps}"])
+    classes = torch.arange(10)
+    images = generate(FlowDigitsOracle(x, y), r, list(range(10)), classes)
+    train_u8 = quantize(x).float().flatten(1)
+    d = (images.float().flatten(1)[:, None] - train_u8[None]).abs().mean(-1)
+    assert torch.equal(y[d.argmin(1)], classes)
+    assert d.min(1).values.max() < 3.0, d.min(1).values

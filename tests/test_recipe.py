@@ -2,19 +2,25 @@
 
 import pytest
 
-from uvit_cli.recipe import (RecipeError, apply_overrides, dump_recipe, load_recipe, recipe_from_dict, replace,
-                             shipped_recipes)
+from uvit_cli.recipe import (RecipeError, apply_overrides, dump_recipe, load_recipe, recipe_from_dict, recipes_dir,
+                             replace, shipped_recipes)
 
 OFFICIAL = ["cifar10_uvit_s2", "celeba64_uvit_s4", "imagenet64_uvit_m4", "imagenet64_uvit_l4", "imagenet256_uvit_l2",
             "imagenet256_uvit_h2", "imagenet512_uvit_l4", "imagenet512_uvit_h4", "coco_uvit_s", "coco_uvit_s_deep"]
 
 
+NEW = ["digits_flow_uvit_tiny", "imagenet256_uvit_h2_flow", "cifar10_uvit_s2_flow"]  # not paper configurations
+
+
 def test_all_official_recipes_ship_and_load():
     names = {p.stem for p in shipped_recipes()}
-    assert set(OFFICIAL) | {"digits_uvit_tiny"} <= names
+    assert set(OFFICIAL) | {"digits_uvit_tiny"} | set(NEW) <= names
     for p in shipped_recipes():
         r = load_recipe(p)
         assert r.train.weight_decay == 0.03 or p.stem == "digits_uvit_tiny"
+        if p.stem in OFFICIAL:  # the paper's runs keep the paper's objective
+            assert (r.prediction_target, r.train.time_sampling, r.train.loss_weighting) == ("eps", "uniform", "none")
+            assert r.sample.guidance_interval == (0.0, 1.0) and r.diffusion.formulation != "flow"
         assert dump_recipe(r)
 
 
@@ -74,6 +80,16 @@ def test_size_fills_fields_and_explicit_fields_win():
     ({"train": {"p_uncond": 0.1}}, r"label dropout needs a null condition"),
     ({"data": {"name": "digits"}, "model": {"img_size": 32}}, r"8x8"),
     ({"train": {"batch_size": 10, "grad_accum": 3}}, r"do not divide the batch"),
+    ({"diffusion": {"formulation": "flow", "prediction": "v"}},
+     r"diffusion\.prediction: v is not a target of the flow formulation; use velocity, eps, x0"),
+    ({"diffusion": {"prediction": "velocity"}}, r"velocity is not a target of the vp formulation; use eps, v, x0"),
+    ({"diffusion": {"formulation": "flow"}, "sample": {"sampler": "pf_ode_euler"}},
+     r"sample\.sampler: pf_ode_euler does not apply to the flow formulation; use one of .*euler, heun, ddim"),
+    ({"sample": {"guidance_interval": [0.8, 0.2]}}, r"sample\.guidance_interval: must be \[t_lo, t_hi\]"),
+    ({"sample": {"guidance_interval": [0.2]}}, r"sample\.guidance_interval must have 2 items"),
+    ({"train": {"time_sampling": "logit"}}, r"did you mean 'logit_normal'"),
+    ({"train": {"logit_std": 0}}, r"train\.logit_std: must be positive"),
+    ({"train": {"loss_weighting": "min-snr"}}, r"did you mean 'min_snr'"),
 ])
 def test_mistakes_name_the_key_and_the_fix(raw, pattern):
     with pytest.raises(RecipeError, match=pattern):
@@ -98,3 +114,23 @@ def test_recipe_module_does_not_import_torch():
     code = "import sys, uvit_cli.recipe; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def test_flow_recipes_are_the_paper_backbones_with_the_flow_objective():
+    for name, official in (("imagenet256_uvit_h2_flow", "imagenet256_uvit_h2"), ("cifar10_uvit_s2_flow",
+                                                                                 "cifar10_uvit_s2"),
+                           ("digits_flow_uvit_tiny", "digits_uvit_tiny")):
+        r, o = load_recipe(name), load_recipe(official)
+        assert r.diffusion.formulation == "flow" and r.prediction_target == "velocity"
+        assert r.model == o.model and r.data == o.data  # the same backbone and data
+        text = (recipes_dir() / f"{name}.yaml").read_text()
+        assert "not a paper result" in text.splitlines()[0] + text.splitlines()[1]
+    assert load_recipe("imagenet256_uvit_h2_flow").train.time_sampling == "logit_normal"
+
+
+def test_guidance_interval_and_new_fields_round_trip():
+    import yaml
+
+    r = load_recipe("digits_flow_uvit_tiny", ["sample.guidance_interval=[0.2, 0.8]", "train.loss_weighting=min_snr"])
+    assert r.sample.guidance_interval == (0.2, 0.8)
+    assert recipe_from_dict(yaml.safe_load(dump_recipe(r))) == r

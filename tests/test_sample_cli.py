@@ -178,3 +178,19 @@ def test_cli_text_model_bad_input_is_one_clear_error_and_writes_nothing(tmp_path
         code, text = _run(["sample", str(ck), *map(str, args), "--npz", str(out)], capsys)
         assert code == 2 and message in text and "Traceback" not in text, (args, text)
         assert not out.exists() and not list(tmp_path.glob(".out.npz*"))
+
+
+def test_cli_sampler_that_does_not_apply_to_the_formulation_is_refused_with_the_ones_that_do(tmp_path, capsys,
+                                                                                            monkeypatch):
+    from uvit_cli.recipe import replace
+
+    flow = replace(class_recipe(), diffusion={"formulation": "flow"})
+    ck = _ckpt(tmp_path, flow)
+    monkeypatch.chdir(tmp_path)
+    code, out = _run(["sample", str(ck), "--class", "1", "--n", "2", "--sampler", "pf_ode_euler"], capsys)
+    assert code == 2 and "pf_ode_euler does not apply to the flow formulation" in out and "heun" in out
+    assert "Traceback" not in out
+    code, out = _run(["sample", str(ck), "--class", "1", "--n", "2", "--sampler", "heun", "--steps", "3"], capsys)
+    assert code == 0 and "6 NFE/image" in out, out   # Heun: 2 evaluations per step
+    code, out = _run(["sample", "--help"], capsys)
+    assert "flow: all but pf_ode_euler" in " ".join(out.replace("│", " ").split())

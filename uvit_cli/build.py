@@ -21,12 +21,13 @@ from .data.latents import check_latents_against_recipe, open_latents
 from .data.pixels import DigitsSource, PixelSource
 from .data.sources import open_folder
 from .data.stream import TrainStream
-from .diffusion import DiscreteSchedule, NoiseSchedule, VPSchedule
+from .diffusion import DiscreteSchedule, FlowSchedule, NoiseSchedule, Objective, VPSchedule
 from .errors import UvitError
 from .model import UViT
 from .recipe import ModelConfig, Recipe, apply_overrides, load_recipe, recipe_from_dict
+from .noise_predictor import guided_at
 from .run import RUN_EMA, RUN_RAW, RUN_RECIPE, RUN_TEXT_ENCODER, is_run_dir
-from .sampling import get_sampler, planned_nfe
+from .sampling import evaluation_times, get_sampler, planned_nfe
 from .text import TextEncoder, load_text_encoder
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
@@ -49,12 +50,23 @@ def build_model(recipe: Recipe | ModelConfig) -> UViT:
     return UViT(**model_kwargs(cfg))
 
 
+def build_objective(recipe: Recipe) -> Objective:
+    """The training objective on the path: prediction target ("auto" resolved), time sampling, loss weighting."""
+    t = recipe.train
+    return Objective(prediction=recipe.prediction_target, time_sampling=t.time_sampling, logit_mean=t.logit_mean,
+                     logit_std=t.logit_std, loss_weighting=t.loss_weighting, min_snr_gamma=t.min_snr_gamma)
+
+
 def build_schedule(recipe: Recipe) -> NoiseSchedule:
-    """The recipe's diffusion formulation: the continuous VP-SDE or the discrete SD schedule (uvit_cli/diffusion.py)."""
-    d = recipe.diffusion
+    """The recipe's diffusion formulation (the continuous VP-SDE, the discrete SD schedule or the flow path) with
+    its training objective (uvit_cli/diffusion.py)."""
+    d, objective = recipe.diffusion, build_objective(recipe)
     if d.formulation == "vp":
-        return VPSchedule(beta_min=d.beta_min, beta_max=d.beta_max)
-    return DiscreteSchedule(beta_start=d.beta_start, beta_end=d.beta_end, num_timesteps=d.num_timesteps)
+        return VPSchedule(beta_min=d.beta_min, beta_max=d.beta_max, objective=objective)
+    if d.formulation == "flow":
+        return FlowSchedule(objective)
+    return DiscreteSchedule(beta_start=d.beta_start, beta_end=d.beta_end, num_timesteps=d.num_timesteps,
+                            objective=objective)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -160,6 +172,18 @@ def nfe_per_sample(recipe: Recipe) -> int:
     """Network evaluations per sample trajectory (a guided evaluation is one batched forward of cond + uncond)."""
     s = recipe.sample
     return planned_nfe(s.sampler, s.steps, s.order, s.fast)
+
+
+def guided_nfe_per_sample(recipe: Recipe) -> int:
+    """How many of a trajectory's evaluations are guided (each one forward of twice the batch): all of them, none
+    without guidance, or those whose sampler time lies in ``sample.guidance_interval``."""
+    s = recipe.sample
+    if s.cfg_scale == 1.0:
+        return 0
+    if tuple(s.guidance_interval) == (0.0, 1.0):
+        return nfe_per_sample(recipe)
+    times = evaluation_times(s.sampler, build_schedule(recipe), **sampler_args(recipe))
+    return sum(guided_at(t, s.guidance_interval) for t in times)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -72,7 +72,9 @@ class UViTModel(ModelMixin, UViT, ConfigMixin):
         """A diffusers timestep index k (scalar or (B,)) -> the time the network was trained on, float32 on the CPU
         (computed in float64 there: some devices have no float64)."""
         k = torch.as_tensor(timestep).detach().to("cpu", torch.float64).reshape(-1)
-        t_net = self.schedule.net_time((k + 1.0) / self.num_train_timesteps).float()
+        # the VP and discrete schedulers index noise level k at t = (k + 1) / N; flow matching's timestep is N t
+        offset = 0.0 if self.schedule.kind == "flow" else 1.0
+        t_net = self.schedule.net_time((k + offset) / self.num_train_timesteps).float()
         return t_net.expand(batch) if t_net.numel() == 1 else t_net
 
     def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None,

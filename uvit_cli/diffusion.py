@@ -1,21 +1,32 @@
-"""The two diffusion formulations of the official U-ViT runs: forward noising, the training loss, time conventions.
+"""Diffusion formulations as Gaussian paths x_t = alpha_t x0 + sigma_t eps: time conventions, prediction targets,
+the training loss, and the drift of the probability-flow ODE and of the reverse SDE.
 
-Both are variance-preserving: q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I) with alpha_t^2 + sigma_t^2 = 1, on a
-continuous sampler time t in (0, 1]. Each schedule owns how that time is shown to the network (``net_time``) and
-how training draws it, so no other module needs to know the conventions:
+Every formulation is a path on a sampler time t in [0, 1] (t = 1 is noise). Each class owns how that time is shown
+to the network (``net_time``) and how training draws it, so no other module needs to know the conventions:
 
-- :class:`VPSchedule` (Song et al. 2021, official ``sde.py``): beta(t) = beta_min + t (beta_max - beta_min);
-  training draws t ~ U[0, 1); the network sees 999 t.
-- :class:`DiscreteSchedule` (Stable Diffusion, official ``train_ldm_discrete.py``): N = 1000 betas
-  linspace(sqrt(0.00085), sqrt(0.012))^2; training draws n uniform in {1..N} and the network sees n. Samplers use
-  t = n / N with log alpha_t piecewise linear in t between the knots (DPM-Solver's discrete schedule), and the network
-  sees N t (the official ``eval_ldm_discrete.py``).
+- :class:`VPSchedule` (Song et al. 2021, official ``sde.py``): variance-preserving, beta(t) = beta_min + t
+  (beta_max - beta_min); training draws t ~ U[0, 1); the network sees 999 t.
+- :class:`DiscreteSchedule` (Stable Diffusion, official ``train_ldm_discrete.py``): variance-preserving, N = 1000
+  betas linspace(sqrt(0.00085), sqrt(0.012))^2; training draws n uniform in {1..N} and the network sees n. Samplers
+  use t = n / N with log alpha_t piecewise linear in t between the knots (DPM-Solver's discrete schedule), and the
+  network sees N t (the official ``eval_ldm_discrete.py``).
+- :class:`FlowSchedule` (rectified flow, Liu et al. 2023; SiT's linear interpolant, Ma et al. 2024): alpha_t = 1 - t,
+  sigma_t = t, not variance-preserving; training draws t ~ U[0, 1) (or logit-normal); the network sees 999 t, the
+  VP-SDE's scale, which the U-ViT's sinusoidal time embedding was built for.
 
-The samplers (``sampling.py``) use only the marginal helpers below (log alpha, alpha, sigma, lambda = log(alpha /
-sigma), its inverse, and beta(t) = -2 d log alpha / dt for the SDE samplers).
+What the network predicts is a *target* (``PREDICTIONS``, the one place that defines each): eps, v = alpha eps -
+sigma x0 (Salimans & Ho 2022), x0, or the flow velocity eps - x0. A target defines the training target, the
+conversion of a network output to the eps and x0 that samplers integrate, and its min-SNR weight (Hang et al. 2023).
+Conversions go straight from the network's own target, never through another one: the flow's x0 = x - t v is exact
+where x0 = (x - sigma eps) / alpha divides by alpha_t -> 0.
+
+The samplers (``sampling.py``) use only the helpers below: alpha, sigma, lambda = log(alpha / sigma) and its
+inverse, the target conversions, ``pf_ode_drift`` and ``reverse_sde``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -35,23 +46,176 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (x.dim() - 1))) if v.dim() else v
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Prediction targets: what the network outputs, in one place (training target, conversions, min-SNR weight)
+# ---------------------------------------------------------------------------------------------------------------------
+# a, s are alpha_t and sigma_t: python floats (a sampler's step) or tensors shaped to x (a training batch).
+
+class Target:
+    """A prediction target: ``target(x0, noise, a, s)`` trains it; ``eps`` / ``x0`` convert an output ``out`` at
+    x_t = x back; ``min_snr_weight`` is min(SNR, gamma) in x0 units, i.e. times (d x0 / d out)^2."""
+
+    name = ""
+
+    def target(self, x0, noise, a, s):
+        raise NotImplementedError
+
+    def eps(self, out, x, a, s):
+        raise NotImplementedError
+
+    def x0(self, out, x, a, s):
+        raise NotImplementedError
+
+    def min_snr_weight(self, snr: torch.Tensor, s: torch.Tensor, gamma: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"Target({self.name})"
+
+
+class EpsTarget(Target):
+    """The noise (the paper and every official run): x0 = (x - sigma eps) / alpha."""
+
+    name = "eps"
+
+    def target(self, x0, noise, a, s):
+        return noise
+
+    def eps(self, out, x, a, s):
+        return out
+
+    def x0(self, out, x, a, s):
+        return (x - s * out) / a
+
+    def min_snr_weight(self, snr, s, gamma):
+        return torch.clamp(gamma / snr, max=1.0)  # min(SNR, gamma) / SNR, finite at SNR = 0
+
+
+class X0Target(Target):
+    """The clean data: eps = (x - alpha x0) / sigma."""
+
+    name = "x0"
+
+    def target(self, x0, noise, a, s):
+        return x0
+
+    def eps(self, out, x, a, s):
+        return (x - a * out) / s
+
+    def x0(self, out, x, a, s):
+        return out
+
+    def min_snr_weight(self, snr, s, gamma):
+        return torch.clamp(snr, max=gamma)
+
+
+class VTarget(Target):
+    """v = alpha eps - sigma x0 (Salimans & Ho 2022), for variance-preserving paths (alpha^2 + sigma^2 = 1)."""
+
+    name = "v"
+
+    def target(self, x0, noise, a, s):
+        return a * noise - s * x0
+
+    def eps(self, out, x, a, s):
+        return s * x + a * out
+
+    def x0(self, out, x, a, s):
+        return a * x - s * out
+
+    def min_snr_weight(self, snr, s, gamma):
+        return torch.clamp(snr, max=gamma) / (snr + 1.0)
+
+
+class VelocityTarget(Target):
+    """The flow velocity d x_t / dt = eps - x0 of the linear path (alpha = 1 - t, sigma = t): x0 = x - t v."""
+
+    name = "velocity"
+
+    def target(self, x0, noise, a, s):
+        return noise - x0
+
+    def eps(self, out, x, a, s):
+        return x + a * out
+
+    def x0(self, out, x, a, s):
+        return x - s * out
+
+    def min_snr_weight(self, snr, s, gamma):
+        return torch.clamp(snr, max=gamma) * s ** 2  # x0 error = t x velocity error
+
+
+# name (recipe.Prediction without "auto") -> target
+PREDICTIONS: dict[str, Target] = {t.name: t for t in (EpsTarget(), VTarget(), X0Target(), VelocityTarget())}
+TIME_SAMPLINGS = ("uniform", "logit_normal")    # recipe.TimeSampling
+LOSS_WEIGHTINGS = ("none", "min_snr")            # recipe.LossWeighting
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What training optimises on a path: the target, how the time is drawn, how samples are weighted."""
+
+    prediction: str = "eps"             # a key of PREDICTIONS
+    time_sampling: str = "uniform"      # uniform: t = u; logit_normal: t = sigmoid(mean + std Phi^-1(u)) (SD3)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    loss_weighting: str = "none"        # none, or min_snr (Hang et al. 2023)
+    min_snr_gamma: float = 5.0
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r}; use one of {', '.join(PREDICTIONS)}")
+        if self.time_sampling not in TIME_SAMPLINGS:
+            raise ValueError(f"unknown time sampling {self.time_sampling!r}; use one of {', '.join(TIME_SAMPLINGS)}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"unknown loss weighting {self.loss_weighting!r}; use {', '.join(LOSS_WEIGHTINGS)}")
+
+    def draw(self, u: torch.Tensor) -> torch.Tensor:
+        """The training time's draw in [0, 1] from the stream's uniform u (u itself when uniform)."""
+        if self.time_sampling == "uniform":
+            return u
+        z = torch.special.ndtri(u.double())  # u = 0 gives -inf, i.e. t = 0
+        return torch.sigmoid(self.logit_mean + self.logit_std * z)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gaussian paths
+# ---------------------------------------------------------------------------------------------------------------------
+
 class NoiseSchedule:
-    """Shared VP algebra: everything follows from ``marginal_log_alpha(t)`` and ``beta(t)``."""
+    """A Gaussian path q(x_t | x0) = N(alpha_t x0, sigma_t^2 I) and its training objective.
+
+    Subclasses give log alpha_t, log sigma_t, the inverse of lambda, d alpha / dt and d sigma / dt, and the time
+    conventions; the rest (lambda, the loss, the ODE and SDE drifts) follows here.
+    """
 
     kind = ""
     t_start = 1.0        # the sampler starts from pure noise at t = 1
+    default_prediction = "eps"  # the target without an explicit objective (recipe.PREDICTIONS_FOR's first)
+
+    def __init__(self, objective: Objective | None = None):
+        self.objective = objective or Objective(prediction=self.default_prediction)
+        self.target = PREDICTIONS[self.objective.prediction]
 
     # -- per-formulation conventions (overridden) -------------------------------------------------------------
     def marginal_log_alpha(self, t: Number) -> torch.Tensor:
         """log alpha_t (float64)."""
         raise NotImplementedError
 
-    def beta(self, t: Number) -> torch.Tensor:
-        """beta(t) = -2 d log alpha_t / dt: the forward SDE is dx = -beta/2 x dt + sqrt(beta) dw."""
+    def marginal_log_sigma(self, t: Number) -> torch.Tensor:
+        """log sigma_t (float64)."""
         raise NotImplementedError
 
     def inverse_lambda(self, lam: Number) -> torch.Tensor:
         """The time t whose half-logSNR lambda_t equals ``lam``."""
+        raise NotImplementedError
+
+    def marginal_derivatives(self, t: float) -> tuple[float, float]:
+        """(d alpha_t / dt, d sigma_t / dt) at a sampler time."""
+        raise NotImplementedError
+
+    def sde_diffusion(self, t: float) -> float:
+        """w(t): the variance rate of the reverse SDE the stochastic sampler integrates."""
         raise NotImplementedError
 
     def net_time(self, t: Number) -> torch.Tensor:
@@ -63,7 +227,11 @@ class NoiseSchedule:
         raise NotImplementedError
 
     def default_t_end(self, sampler: str) -> float:
-        """The end time the official runs sample to."""
+        """The end time a sampler integrates to by default."""
+        raise NotImplementedError
+
+    def default_spacing(self, sampler: str) -> str:
+        """The step spacing ("auto") a sampler uses by default on this path."""
         raise NotImplementedError
 
     # -- marginals --------------------------------------------------------------------------------------------
@@ -71,18 +239,15 @@ class NoiseSchedule:
         return torch.exp(self.marginal_log_alpha(t))
 
     def marginal_sigma(self, t: Number) -> torch.Tensor:
-        # sigma = sqrt(1 - alpha^2), via expm1 for accuracy near t = 0
-        return torch.sqrt(-torch.expm1(2.0 * self.marginal_log_alpha(t)))
+        return torch.exp(self.marginal_log_sigma(t))
 
     def marginal_lambda(self, t: Number) -> torch.Tensor:
         """Half-logSNR lambda_t = log alpha_t - log sigma_t (decreasing in t)."""
-        log_alpha = self.marginal_log_alpha(t)
-        return log_alpha - 0.5 * torch.log(-torch.expm1(2.0 * log_alpha))
+        return self.marginal_log_alpha(t) - self.marginal_log_sigma(t)
 
-    @staticmethod
-    def _log_alpha_of_lambda(lam: torch.Tensor) -> torch.Tensor:
-        # alpha^2 = sigmoid(2 lambda)  =>  log alpha = -log(1 + exp(-2 lambda)) / 2
-        return -0.5 * torch.logaddexp(torch.zeros_like(lam), -2.0 * lam)
+    def coefficients(self, t: float) -> tuple[float, float]:
+        """(alpha_t, sigma_t) as python floats."""
+        return float(self.marginal_alpha(t)), float(self.marginal_sigma(t))
 
     # -- forward process and loss -----------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: Number, noise: torch.Tensor) -> torch.Tensor:
@@ -97,23 +262,107 @@ class NoiseSchedule:
         t, t_net = self.times_from_uniform(u.detach().cpu())
         return self.q_sample(x0, t, noise), to_device(t_net, x0.device)
 
+    def loss_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network is trained to output at times t (B,) (the noise itself for eps-prediction)."""
+        if isinstance(self.target, EpsTarget):
+            return noise
+        return self.target.target(x0, noise, _bcast(self.marginal_alpha(t), x0), _bcast(self.marginal_sigma(t), x0))
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample min-SNR weight (float64, (B,)) for this target; SNR = (alpha_t / sigma_t)^2."""
+        a, s = self.marginal_alpha(t), self.marginal_sigma(t)
+        return self.target.min_snr_weight((a / s) ** 2, s, self.objective.min_snr_gamma)
+
     def loss(self, net, x0: torch.Tensor, y, u: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The training loss: per-sample noise-prediction MSE (B,), mean over C, H, W (official ``LSimple``).
+        """The training loss: per-sample MSE to the target (B,), mean over C, H, W (official ``LSimple`` for eps),
+        times the min-SNR weight when the objective asks for it.
 
         Every draw is given (the training stream's time draw u and noise), so a step is a function of its inputs;
         ``train()`` and ``uvit bench`` both call this.
         """
-        x_t, t_net = self.training_inputs(x0, u, noise)
-        eps = net(x_t, t_net, y)
-        return (eps.float() - noise.float()).square().flatten(1).mean(1)
+        # times and coefficients in float64 on the CPU (B numbers), float32 on x0's device (MPS has no float64)
+        t, t_net = self.times_from_uniform(u.detach().cpu())
+        out = net(self.q_sample(x0, t, noise), to_device(t_net, x0.device), y)
+        per = (out.float() - self.loss_target(x0, noise, t).float()).square().flatten(1).mean(1)
+        if self.objective.loss_weighting == "min_snr":
+            per = per * to_device(self.loss_weight(t), per.device, per.dtype)
+        return per
+
+    # -- what the samplers integrate --------------------------------------------------------------------------
+    def eps(self, out: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
+        """The noise a network output ``out`` at (x, t) predicts (``out`` itself for eps-prediction)."""
+        if isinstance(self.target, EpsTarget):
+            return out
+        return self.target.eps(out, x, *self.coefficients(t))
+
+    def x0(self, out: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
+        """The data a network output ``out`` at (x, t) predicts."""
+        return self.target.x0(out, x, *self.coefficients(t))
+
+    def pf_ode_drift(self, out: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
+        """dx/dt of the probability-flow ODE: d alpha/dt x0 + d sigma/dt eps (the path's own velocity)."""
+        a, s = self.coefficients(t)
+        da, ds = self.marginal_derivatives(t)
+        return da * self.target.x0(out, x, a, s) + ds * self.target.eps(out, x, a, s)
+
+    def reverse_sde(self, out: torch.Tensor, x: torch.Tensor, t: float) -> tuple[torch.Tensor, float]:
+        """(drift, w) of the reverse-time SDE dx = [v - w/2 score] dt + sqrt(w) dw with score = -eps / sigma: the
+        same marginals as the path for any w(t) (Song et al. 2021; SiT's diffusion coefficient)."""
+        a, s = self.coefficients(t)
+        w = self.sde_diffusion(t)
+        return self.pf_ode_drift(out, x, t) + (w / (2.0 * s)) * self.target.eps(out, x, a, s), w
 
 
-class VPSchedule(NoiseSchedule):
+class VariancePreserving(NoiseSchedule):
+    """alpha_t^2 + sigma_t^2 = 1: everything follows from log alpha_t and beta(t) = -2 d log alpha_t / dt; the ODE
+    and SDE drifts in the official ``sde.py`` form f x - (g^2 / 2) score, with f = -beta / 2 and g^2 = beta."""
+
+    def beta(self, t: Number) -> torch.Tensor:
+        """beta(t) = -2 d log alpha_t / dt: the forward SDE is dx = -beta/2 x dt + sqrt(beta) dw."""
+        raise NotImplementedError
+
+    def marginal_sigma(self, t: Number) -> torch.Tensor:
+        # sigma = sqrt(1 - alpha^2), via expm1 for accuracy near t = 0
+        return torch.sqrt(-torch.expm1(2.0 * self.marginal_log_alpha(t)))
+
+    def marginal_log_sigma(self, t: Number) -> torch.Tensor:
+        return 0.5 * torch.log(-torch.expm1(2.0 * self.marginal_log_alpha(t)))
+
+    def marginal_lambda(self, t: Number) -> torch.Tensor:
+        log_alpha = self.marginal_log_alpha(t)
+        return log_alpha - 0.5 * torch.log(-torch.expm1(2.0 * log_alpha))
+
+    @staticmethod
+    def _log_alpha_of_lambda(lam: torch.Tensor) -> torch.Tensor:
+        # alpha^2 = sigmoid(2 lambda)  =>  log alpha = -log(1 + exp(-2 lambda)) / 2
+        return -0.5 * torch.logaddexp(torch.zeros_like(lam), -2.0 * lam)
+
+    def marginal_derivatives(self, t: float) -> tuple[float, float]:
+        # d alpha / dt = -beta alpha / 2; sigma d sigma = -alpha d alpha
+        beta = float(self.beta(t))
+        a, s = self.coefficients(t)
+        return -0.5 * beta * a, 0.5 * beta * a * a / s
+
+    def sde_diffusion(self, t: float) -> float:
+        return float(self.beta(t))  # g^2 of the forward SDE
+
+    def pf_ode_drift(self, out, x, t):
+        beta, sigma = float(self.beta(t)), float(self.marginal_sigma(t))
+        return (-0.5 * beta) * x + (0.5 * beta / sigma) * self.eps(out, x, t)
+
+    def reverse_sde(self, out, x, t):
+        # drift = -beta/2 x - beta * score = -beta/2 x + (beta / sigma) eps (official sde.ReverseSDE)
+        beta, sigma = float(self.beta(t)), float(self.marginal_sigma(t))
+        return (-0.5 * beta) * x + (beta / sigma) * self.eps(out, x, t), beta
+
+
+class VPSchedule(VariancePreserving):
     """Continuous VP-SDE with a linear beta(t) from beta_min to beta_max (Song et al. 2021; official ``sde.VPSDE``)."""
 
     kind = "vp"
 
-    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, objective: Objective | None = None):
+        super().__init__(objective)
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
 
     def marginal_log_alpha(self, t: Number) -> torch.Tensor:
@@ -136,23 +385,28 @@ class VPSchedule(NoiseSchedule):
         return 999.0 * _as_f64(t)  # official ScoreModel.predict: nnet(x, t * 999)
 
     def times_from_uniform(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = u.float()  # official sde.sample: t ~ U[0, 1)
+        t = self.objective.draw(u).float()  # official sde.sample: t ~ U[0, 1)
         return t, 999.0 * t
 
     def default_t_end(self, sampler: str) -> float:
         # DPM-Solver ends at 1e-4 (official eval_ldm.py); the SDE/ODE Euler samplers at 1e-3 (official sde.py).
-        return 1e-3 if sampler in ("euler_maruyama", "pf_ode_euler") else 1e-4
+        return 1e-3 if sampler in ("euler_maruyama", "pf_ode_euler", "euler", "heun") else 1e-4
+
+    def default_spacing(self, sampler: str) -> str:
+        return "logSNR"  # official eval_ldm.py (DPM-Solver)
 
     def __repr__(self) -> str:
-        return f"VPSchedule(beta_min={self.beta_min}, beta_max={self.beta_max})"
+        return f"VPSchedule(beta_min={self.beta_min}, beta_max={self.beta_max}, {self.objective})"
 
 
-class DiscreteSchedule(NoiseSchedule):
+class DiscreteSchedule(VariancePreserving):
     """Discrete Stable-Diffusion schedule: N betas = linspace(sqrt(beta_start), sqrt(beta_end), N)^2."""
 
     kind = "discrete"
 
-    def __init__(self, beta_start: float = 0.00085, beta_end: float = 0.012, num_timesteps: int = 1000):
+    def __init__(self, beta_start: float = 0.00085, beta_end: float = 0.012, num_timesteps: int = 1000,
+                 objective: Objective | None = None):
+        super().__init__(objective)
         self.beta_start, self.beta_end, self.num_timesteps = float(beta_start), float(beta_end), int(num_timesteps)
         n = self.num_timesteps
         self.betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=torch.float64) ** 2
@@ -195,13 +449,75 @@ class DiscreteSchedule(NoiseSchedule):
         return self.num_timesteps * _as_f64(t)  # official eval_ldm_discrete.py: t_continuous * N
 
     def times_from_uniform(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # n uniform in {1..N} (official Schedule.sample), t = n / N
-        n = (u.double() * self.num_timesteps).floor().clamp(0, self.num_timesteps - 1) + 1
+        # n uniform in {1..N} (official Schedule.sample), t = n / N; a logit-normal draw picks n the same way
+        n = (self.objective.draw(u).double() * self.num_timesteps).floor().clamp(0, self.num_timesteps - 1) + 1
         return n / self.num_timesteps, n.float()
 
     def default_t_end(self, sampler: str) -> float:
         return 1.0 / self.num_timesteps  # official: DPM-Solver++ from t = 1 to 1/N
 
+    def default_spacing(self, sampler: str) -> str:
+        return "time_uniform"  # official dpm_solver_pp.py (skip_type time_uniform)
+
     def __repr__(self) -> str:
         return (f"DiscreteSchedule(beta_start={self.beta_start}, beta_end={self.beta_end}, "
-                f"num_timesteps={self.num_timesteps})")
+                f"num_timesteps={self.num_timesteps}, {self.objective})")
+
+
+class FlowSchedule(NoiseSchedule):
+    """The linear path x_t = (1 - t) x0 + t eps (rectified flow; SiT's linear interpolant), velocity eps - x0.
+
+    Samplers run from t = 0.993 to 3e-3, the log-SNR range [-4.95, 5.81] of the official VP-SDE runs (DPM-Solver
+    from t = 1 to 1e-4: [-5.01, 5.75]); lambda must be finite at both ends for DPM-Solver, and a wider range costs
+    its lambda-uniform steps accuracy. Starting from N(0, I) at t = 0.993 is the same approximation the VP-SDE makes
+    at t = 1 (alpha = 0.007 there). Euler-Maruyama uses SiT's default diffusion w(t) = 2 sigma_t, finite on the whole
+    path, and also ends at 3e-3 with a noise-free step to 0 (SiT's noise-free last step from t = 0.04 leaves
+    x0 - 0.04 eps even for the exact velocity: 4 % noise).
+    """
+
+    kind = "flow"
+    t_start = 0.993
+    default_prediction = "velocity"
+
+    def marginal_log_alpha(self, t: Number) -> torch.Tensor:
+        return torch.log1p(-_as_f64(t))
+
+    def marginal_log_sigma(self, t: Number) -> torch.Tensor:
+        return torch.log(_as_f64(t))
+
+    def marginal_alpha(self, t: Number) -> torch.Tensor:
+        return 1.0 - _as_f64(t)
+
+    def marginal_sigma(self, t: Number) -> torch.Tensor:
+        return _as_f64(t)
+
+    def inverse_lambda(self, lam: Number) -> torch.Tensor:
+        return torch.sigmoid(-_as_f64(lam))  # lambda = log((1 - t) / t)
+
+    def marginal_derivatives(self, t: float) -> tuple[float, float]:
+        return -1.0, 1.0
+
+    def sde_diffusion(self, t: float) -> float:
+        return 2.0 * t  # SiT's default diffusion form "sigma" (norm 1)
+
+    def pf_ode_drift(self, out, x, t):
+        if isinstance(self.target, VelocityTarget):
+            return out  # the network's own output is the ODE's velocity
+        return super().pf_ode_drift(out, x, t)
+
+    def net_time(self, t: Number) -> torch.Tensor:
+        return 999.0 * _as_f64(t)
+
+    def times_from_uniform(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.objective.draw(u).float()
+        return t, 999.0 * t
+
+    def default_t_end(self, sampler: str) -> float:
+        return 3e-3  # every sampler, Euler-Maruyama included (its noise-free last step then leaves 0.003 eps)
+
+    def default_spacing(self, sampler: str) -> str:
+        # DPM-Solver steps in lambda (an exponential integrator); Euler / Heun / DDIM in t, like SiT's samplers
+        return "logSNR" if sampler.startswith("dpm_solver") else "time_uniform"
+
+    def __repr__(self) -> str:
+        return f"FlowSchedule({self.objective})"

@@ -21,7 +21,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler,
+                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
+                       HeunDiscreteScheduler)
 
 from .autoencoder import split_spec
 from .build import build_schedule, parameter_count
@@ -81,6 +83,31 @@ def _ddpm(recipe: Recipe):
     return DDPMScheduler(**beta_config(recipe), clip_sample=False, variance_type="fixed_small")
 
 
+def _euler(recipe: Recipe):
+    return EulerDiscreteScheduler(**beta_config(recipe))
+
+
+def _heun(recipe: Recipe):
+    return HeunDiscreteScheduler(**beta_config(recipe))
+
+
+# Flow matching (x_t = (1 - t) x0 + t eps, the network predicts the velocity eps - x0): diffusers' flow-matching
+# schedulers on sigma = t with shift 1 (SD3's shift would change the time grid); their timestep is 1000 t.
+FLOW_NOTE = ("flow matching: diffusers' {name} on sigma = t (shift 1, timesteps = 1000 t), the probability-flow ODE "
+             "of the same velocity; ")
+
+
+def _flow_scheduler(recipe: Recipe):
+    """(scheduler, note) for a flow model: Heun for the Heun sampler, Euler for every other sampler."""
+    heun = recipe.sample.sampler == "heun"
+    cls = FlowMatchHeunDiscreteScheduler if heun else FlowMatchEulerDiscreteScheduler
+    note = FLOW_NOTE.format(name=cls.__name__) + ("the same steps as uvit's heun (time-uniform)." if heun else
+                                                    "uvit's euler takes the same steps; for uvit's "
+                                                    f"{recipe.sample.sampler} diffusers has no flow counterpart, "
+                                                    "so this is Euler on the same ODE.")
+    return cls(num_train_timesteps=1000, shift=1.0), note
+
+
 # sampler (recipe.Sampler) -> (scheduler for a recipe, which official sampler it reproduces and where it differs)
 SCHEDULERS = {
     "dpm_solver": (_dpm_singlestep("dpmsolver"),
@@ -104,12 +131,18 @@ SCHEDULERS = {
     "pf_ode_euler": (_ddim,
                      "DDIM (a first-order exponential integrator of the probability-flow ODE) in place of the "
                      "official Euler steps in t; the same ODE, not the same steps."),
+    "euler": (_euler, "Euler on the probability-flow ODE in Karras sigmas (EulerDiscreteScheduler): the same ODE "
+                      "as uvit's euler, stepped in sigma = sigma_t / alpha_t instead of t."),
+    "heun": (_heun, "Heun (second order) on the probability-flow ODE in Karras sigmas (HeunDiscreteScheduler): "
+                    "the same ODE as uvit's heun, stepped in sigma instead of t."),
     "ddim": (_ddim, "DDIM, eta = 0: the same update on integer timesteps ending at t = 1/N."),
 }
 
 
 def build_scheduler(recipe: Recipe):
     """(the diffusers scheduler for ``recipe.sample``, the note on what it reproduces)."""
+    if recipe.diffusion.formulation == "flow":
+        return _flow_scheduler(recipe)
     make, note = SCHEDULERS[recipe.sample.sampler]
     return make(recipe), note
 

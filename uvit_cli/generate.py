@@ -106,7 +106,7 @@ def generate(model, recipe, seeds: Sequence[int], cond=None, *, batch_size: int 
     cond: None, class ids (N,) or text contexts (N, 77, D). decoder: for latent models, an object whose
     ``decode(z)`` maps the model's scaled latents to [-1, 1] images. precision: "fp32", "bf16" or "fp16" autocast
     for the network. progress(done, total) counts network evaluations of a batch. ``stats``, if given, is filled
-    with nfe (per sample), forwards, seconds and images/s.
+    with nfe (per sample; guided_nfe of them guided), forwards, seconds and images/s.
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -138,23 +138,25 @@ def generate(model, recipe, seeds: Sequence[int], cond=None, *, batch_size: int 
         null = null.to(device)
     was_training = model.training
     model.eval().to(device)
-    out, forwards, t0 = [], 0, time.perf_counter()
+    out, forwards, guided, t0 = [], 0, 0, time.perf_counter()
     try:
         with torch.no_grad():
             for b in range(0, n, bs):
                 x, gens = initial_noise(seeds[b:b + bs], shape)
                 c = None if cond is None else cond[b:b + bs].to(device)
                 fn = NoisePredictor(model, schedule, c, cfg_scale=w, null_cond=null, forward_batch=fb,
-                                    precision=precision, on_eval=on_eval)
+                                    precision=precision, guidance_interval=recipe.sample.guidance_interval,
+                                    on_eval=on_eval)
                 z = sample_fn(fn, x.to(device), schedule, generators=gens, **kwargs)
                 forwards += fn.forwards
+                guided = fn.guided_nfe
                 images = _decode(decoder, z, fb) if decoder is not None else z
                 out.append(quantize(images) if quantized else images.float().cpu())
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - t0
     if stats is not None:
-        stats.update(nfe=nfe, forwards=forwards, batches=batches, seconds=seconds, images_per_s=n / max(seconds, 1e-9),
+        stats.update(nfe=nfe, guided_nfe=guided, forwards=forwards, batches=batches, seconds=seconds, images_per_s=n / max(seconds, 1e-9),
                      sampler=recipe.sample.sampler, steps=recipe.sample.steps, cfg_scale=w, forward_batch=fb,
                      batch_size=bs)
     log.debug("sampled %d images with %s (%d NFE each) in %.1fs", n, recipe.sample.sampler, nfe, seconds)

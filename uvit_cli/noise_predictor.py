@@ -1,8 +1,13 @@
-"""From a U-ViT to the noise predictor eps(x, t) the samplers call: time convention, condition, guidance, precision.
+"""From a U-ViT to the predictor the samplers call: time convention, condition, guidance, precision.
 
-Classifier-free guidance (Ho & Salimans 2022) in the standard convention: eps = eps_u + w (eps_c - eps_u), w = 1 off.
-The official U-ViT writes eps_c + s (eps_c - eps_u), i.e. w = 1 + s. The conditional and unconditional halves run
-as one batched forward. The null condition is the model's null class id, or the empty-prompt context for text.
+The predictor returns the network's output in the schedule's prediction target (eps by default; the schedule
+converts it to what a sampler integrates, see diffusion.py). Classifier-free guidance (Ho & Salimans 2022) in the
+standard convention: out = out_u + w (out_c - out_u), w = 1 off; every target is affine in eps at a fixed (x, t),
+so this is the same guidance on any target. The official U-ViT writes eps_c + s (eps_c - eps_u), i.e. w = 1 + s.
+The conditional and unconditional halves run as one batched forward of twice the batch. With a guidance interval
+[t_lo, t_hi] (Kynkaanniemi et al. 2024) only evaluations at sampler times inside it are guided; the others run the
+conditional model alone (one forward of the batch). The null condition is the model's null class id, or the
+empty-prompt context for text.
 
 The model always sees micro-batches of exactly ``forward_batch`` samples (the last one padded by repeating a
 sample): CPU (and GPU) matmul kernels are chosen by shape, so a row's bits can depend on the batch size. With a
@@ -23,6 +28,11 @@ def cfg_combine(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: float) -> t
     return eps_uncond + w * (eps_cond - eps_uncond)
 
 
+def guided_at(t: float, interval: tuple[float, float] = (0.0, 1.0)) -> bool:
+    """Whether an evaluation at sampler time t is guided: t in [t_lo, t_hi] (the whole path by default)."""
+    return interval[0] <= t <= interval[1]
+
+
 def pad_rows(v: torch.Tensor | None, m: int) -> torch.Tensor | None:
     """Pad a micro-batch to m rows by repeating its last row."""
     if v is None or v.shape[0] == m:
@@ -41,7 +51,8 @@ def expand_null(null_cond, cond: torch.Tensor) -> torch.Tensor:
 
 
 class NoisePredictor:
-    """eps(x, t) for a sampler: converts t to the network's time, adds the condition and guidance, counts NFE.
+    """The network's prediction at (x, t) for a sampler: converts t to the network's time, adds the condition and
+    guidance (inside ``guidance_interval``), counts NFE.
 
     ``on_eval(nfe)`` is called after every evaluation (for progress bars). The recipe decides whether guidance is
     possible (recipe.validate); here a guided call only needs the null condition it was given.
@@ -49,15 +60,17 @@ class NoisePredictor:
 
     def __init__(self, model: torch.nn.Module, schedule, cond: torch.Tensor | None = None, *, cfg_scale: float = 1.0,
                  null_cond=None, forward_batch: int = 4, precision: str = "fp32",
-                 on_eval: Callable[[int], None] | None = None):
+                 guidance_interval: tuple[float, float] = (0.0, 1.0), on_eval: Callable[[int], None] | None = None):
         if forward_batch < 1:
             raise ValueError(f"forward_batch must be >= 1, got {forward_batch}")
         self.model, self.schedule, self.cond = model, schedule, cond
         self.cfg_scale, self.null_cond = float(cfg_scale), null_cond
+        self.guidance_interval = (float(guidance_interval[0]), float(guidance_interval[1]))
         self.forward_batch, self.precision = forward_batch, precision
         self.on_eval = on_eval
-        self.nfe = 0        # noise-predictor evaluations of the whole batch
-        self.forwards = 0   # model forward calls (micro-batches)
+        self.nfe = 0         # evaluations of the whole batch
+        self.guided_nfe = 0  # of which guided (one forward of twice the batch each)
+        self.forwards = 0    # model forward calls (micro-batches)
 
     def _forward(self, x: torch.Tensor, t_net: torch.Tensor, y) -> torch.Tensor:
         """The model on fixed-size micro-batches; returns float32."""
@@ -78,14 +91,15 @@ class NoisePredictor:
         t_net = torch.full((n,), float(self.schedule.net_time(t)), device=x.device, dtype=torch.float32)
         cond = self.cond
         with torch.no_grad():
-            if self.cfg_scale == 1.0:
-                eps = self._forward(x, t_net, cond)
+            if self.cfg_scale == 1.0 or not guided_at(t, self.guidance_interval):
+                out = self._forward(x, t_net, cond)
             else:
-                eps = self._guided_batched(x, t_net, cond)
+                out = self._guided_batched(x, t_net, cond)
+                self.guided_nfe += 1
         self.nfe += 1
         if self.on_eval is not None:
             self.on_eval(self.nfe)
-        return eps
+        return out
 
     def _guided_batched(self, x: torch.Tensor, t_net: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Each micro-batch of samples goes through the model once as [cond half; uncond half]."""

@@ -31,11 +31,14 @@ class RecipeError(UvitError, ValueError):
 
 Precision = Literal["fp32", "bf16", "fp16"]                 # autocast precision (runtime.DTYPES)
 SkipMode = Literal["concat_linear", "add", "linear_skip", "linear_sum", "none"]  # long-skip fusion (model.SKIP_MODES)
-Sampler = Literal["dpm_solver", "dpm_solver_pp", "dpm_solver_pp_2m", "euler_maruyama", "pf_ode_euler",
-                  "ddim"]                                   # sampling.SAMPLERS
+Sampler = Literal["dpm_solver", "dpm_solver_pp", "dpm_solver_pp_2m", "euler_maruyama", "pf_ode_euler", "euler",
+                  "heun", "ddim"]                           # sampling.SAMPLERS
 Spacing = Literal["auto", "logSNR", "time_uniform", "time_quadratic"]  # step spacing (sampling.time_grid)
 Crop = Literal["auto", "adm_center", "celeba", "center_lanczos", "none"]  # data/crops.CROPS (+ auto)
-Formulation = Literal["vp", "discrete"]                     # build.build_schedule
+Formulation = Literal["vp", "discrete", "flow"]             # build.build_schedule
+Prediction = Literal["auto", "eps", "v", "x0", "velocity"]  # diffusion.PREDICTIONS (+ auto)
+TimeSampling = Literal["uniform", "logit_normal"]           # diffusion.TIME_SAMPLINGS
+LossWeighting = Literal["none", "min_snr"]                  # diffusion.LOSS_WEIGHTINGS
 EvalMode = Literal["pytorch_fid", "clean", "legacy_tensorflow", "digits"]  # metrics/features.MODES (+ digits)
 Metric = Literal["fid", "sfid", "is", "precision", "recall", "kid", "fd_digits", "acc_digits"]  # metrics/evaluate
 Weights = Literal["ema", "raw"]                             # which weights of a run directory
@@ -47,6 +50,31 @@ DataName = Literal["digits", "cifar10", "celeba64", "imagenet64", "folder", "lat
 def choices(kind) -> tuple[str, ...]:
     """The values of one of the Literal types above, e.g. ``choices(Sampler)``."""
     return typing.get_args(kind)
+
+
+# Which prediction targets and samplers apply to each formulation (recipe.validate refuses the other pairs).
+# v = alpha eps - sigma x0 is a variance-preserving target, the velocity eps - x0 the linear path's; eps and x0 fit
+# any Gaussian path. pf_ode_euler is the official VP-SDE ODE sampler written with beta(t); on flow, euler is the
+# same integrator. The first prediction of each formulation is what "auto" means.
+PREDICTIONS_FOR: dict[str, tuple[str, ...]] = {
+    "vp": ("eps", "v", "x0"),
+    "discrete": ("eps", "v", "x0"),
+    "flow": ("velocity", "eps", "x0"),
+}
+SAMPLERS_FOR: dict[str, tuple[str, ...]] = {
+    "vp": choices(Sampler),
+    "discrete": choices(Sampler),
+    "flow": tuple(x for x in choices(Sampler) if x != "pf_ode_euler"),
+}
+
+
+def samplers_by_formulation() -> str:
+    """One line saying which samplers apply to which formulation (for --help and error messages)."""
+    parts = []
+    for f, names in SAMPLERS_FOR.items():
+        missing = [x for x in choices(Sampler) if x not in names]
+        parts.append(f"{f}: " + ("all" if not missing else f"all but {', '.join(missing)}"))
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -93,7 +121,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    formulation: Formulation = "vp"     # continuous VP-SDE (net sees 999 t) or discrete SD schedule (net sees n)
+    formulation: Formulation = "vp"     # vp: VP-SDE (net sees 999 t); discrete: SD schedule (net sees n); flow: x_t = (1-t) x0 + t eps (rectified flow / SiT, net sees 999 t)
+    prediction: Prediction = "auto"     # network target: eps, v = alpha eps - sigma x0 (Salimans & Ho 2022), x0, velocity eps - x0 (flow); auto: velocity for flow, else eps
     beta_min: float = 0.1               # VP-SDE beta(0)
     beta_max: float = 20.0              # VP-SDE beta(1)
     beta_start: float = 0.00085         # discrete: first beta (betas = linspace(sqrt(start), sqrt(end))^2)
@@ -118,6 +147,11 @@ class TrainConfig:
     precision: Precision = "fp32"       # autocast precision (fp16 uses a loss scaler)
     compile: bool = False               # torch.compile the model
     seed: int = 1234                    # global seed (official: 1234); rank r uses seed * world + r
+    time_sampling: TimeSampling = "uniform"  # training times: uniform (official), or logit_normal t = sigmoid(mean + std z) (SD3, Esser et al. 2024)
+    logit_mean: float = 0.0             # logit-normal time sampling: location (SD3: 0)
+    logit_std: float = 1.0              # logit-normal time sampling: scale (SD3: 1)
+    loss_weighting: LossWeighting = "none"  # per-sample loss weight: none (official) or min_snr, min(SNR, gamma) in x0 units (Hang et al. 2023)
+    min_snr_gamma: float = 5.0          # min-SNR gamma (Hang et al.: 5)
     log_every: int = 10                 # steps between metrics.jsonl lines
     sample_every: int = 5000            # steps between EMA sample grids (0: off)
     save_every: int = 5000              # steps between full training-state checkpoints
@@ -135,6 +169,7 @@ class SampleConfig:
     fast: bool = True                   # DPM-Solver "fast" step schedule (the official runs)
     spacing: Spacing = "auto"           # step spacing; auto: the official one per formulation
     cfg_scale: float = 1.0              # guidance w, standard convention (1 = off); official scale s is w = 1 + s
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # guide only at sampler times t in [lo, hi] (t in [0, 1], 1 = noise; Kynkaanniemi et al. 2024), the conditional model elsewhere
     batch_size: int = 64                # samples per forward batch
 
 
@@ -179,6 +214,12 @@ class Recipe:
     @property
     def is_latent(self) -> bool:
         return self.data.name == "latents"
+
+    @property
+    def prediction_target(self) -> str:
+        """diffusion.prediction with "auto" resolved: velocity for flow, eps for the VP formulations."""
+        d = self.diffusion
+        return PREDICTIONS_FOR[d.formulation][0] if d.prediction == "auto" else d.prediction
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "diffusion": DiffusionConfig, "train": TrainConfig,
@@ -444,6 +485,22 @@ def validate(r: Recipe, source: str | None = None) -> None:
         err("eval.batch_size" if r.eval.batch_size < 1 else "eval.monitor_samples", "must be >= 1")
     if r.data.num_workers < 0:
         err("data.num_workers", f"must be >= 0, got {r.data.num_workers}")
+    d = r.diffusion
+    if d.prediction != "auto" and d.prediction not in PREDICTIONS_FOR[d.formulation]:
+        err("diffusion.prediction", f"{d.prediction} is not a target of the {d.formulation} formulation; use "
+                                    f"{', '.join(PREDICTIONS_FOR[d.formulation])} (or auto)")
+    if t.logit_std <= 0:
+        err("train.logit_std", f"must be positive, got {t.logit_std}")
+    if t.min_snr_gamma <= 0:
+        err("train.min_snr_gamma", f"must be positive, got {t.min_snr_gamma}")
+    if s.sampler not in SAMPLERS_FOR[d.formulation]:
+        err("sample.sampler", f"{s.sampler} does not apply to the {d.formulation} formulation; use one of "
+                              f"{', '.join(SAMPLERS_FOR[d.formulation])} (samplers by formulation: "
+                              f"{samplers_by_formulation()})")
+    lo, hi = s.guidance_interval
+    if not 0 <= lo <= hi <= 1:
+        err("sample.guidance_interval", f"must be [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1 (sampler times), got "
+                                        f"{list(s.guidance_interval)}")
     if s.steps <= 0:
         err("sample.steps", f"must be positive, got {s.steps}")
     if s.order not in (1, 2, 3):

@@ -1,14 +1,17 @@
-"""Samplers: plain functions with one signature, on a noise predictor eps(x, t) in the schedule's sampler time.
+"""Samplers: plain functions with one signature, on the network's prediction in the schedule's sampler time.
 
-Every sampler is called as ``sampler(noise_fn, x, schedule, *, steps, order, fast, spacing, t_end, generators,
-callback)`` where ``noise_fn(x, t)`` returns the predicted noise for a batch x at the scalar time t (all samples of
-a batch share t), ``x`` is the initial noise at t = 1 and ``schedule`` a ``diffusion.NoiseSchedule``. Options a
-sampler does not use are ignored. ``generators`` (one ``torch.Generator`` per sample, on the CPU) feed any noise a
-stochastic sampler draws, so a sample depends on its own generator only. ``callback({"i", "t", "x"})`` runs after
-each step. ``planned_nfe`` says how many noise-predictor evaluations (NFE) a call makes.
+Every sampler is called as ``sampler(model_fn, x, schedule, *, steps, order, fast, spacing, t_end, generators,
+callback)`` where ``model_fn(x, t)`` returns the network's output for a batch x at the scalar time t (all samples of
+a batch share t) in the schedule's prediction target (the noise eps for eps-prediction, the velocity for flow), ``x``
+is the initial noise at ``schedule.t_start`` and ``schedule`` a ``diffusion.NoiseSchedule``, which converts that
+output to the eps, x0 or ODE/SDE drift a sampler integrates. Options a sampler does not use are ignored.
+``generators`` (one ``torch.Generator`` per sample, on the CPU) feed any noise a stochastic sampler draws, so a
+sample depends on its own generator only. ``callback({"i", "t", "x"})`` runs after each step. ``planned_nfe`` says
+how many network evaluations (NFE) a call makes, ``evaluation_times`` at which times.
 
 DPM-Solver follows the reference implementation (LuChengTHU/dpm-solver; the copies the official U-ViT repo
-carries, ``dpm_solver_pytorch.py`` and ``dpm_solver_pp.py``) and is tested against it to 1e-4.
+carries, ``dpm_solver_pytorch.py`` and ``dpm_solver_pp.py``) and is tested against it to 1e-4. It needs only
+alpha, sigma and lambda, so it runs on every Gaussian path, flow included.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-NoiseFn = Callable[[torch.Tensor, float], torch.Tensor]
+ModelFn = Callable[[torch.Tensor, float], torch.Tensor]
 SPACINGS = ("logSNR", "time_uniform", "time_quadratic")  # recipe.Spacing without "auto"
 
 
@@ -26,20 +29,24 @@ SPACINGS = ("logSNR", "time_uniform", "time_quadratic")  # recipe.Spacing withou
 # Time grids and step plans
 # ---------------------------------------------------------------------------------------------------------------------
 
-def resolve_spacing(schedule, spacing: str = "auto") -> str:
-    """"auto" is the official spacing per formulation: logSNR for the VP-SDE, time-uniform for the discrete one."""
+def resolve_spacing(schedule, spacing: str = "auto", sampler: str = "dpm_solver") -> str:
+    """"auto" is the schedule's spacing for the sampler (``default_spacing``): the official one for the VP-SDE
+    (logSNR) and the discrete schedule (time-uniform)."""
     if spacing != "auto":
         if spacing not in SPACINGS:
             raise ValueError(f"unknown spacing {spacing!r}; use auto, {', '.join(SPACINGS)}")
         return spacing
-    return "logSNR" if schedule.kind == "vp" else "time_uniform"
+    return schedule.default_spacing(sampler)
 
 
 def time_grid(schedule, spacing: str, t_start: float, t_end: float, n: int) -> list[float]:
     """n + 1 decreasing times from t_start to t_end, uniform in lambda (logSNR), t, or sqrt(t) (time_quadratic)."""
     if spacing == "logSNR":
-        lam = torch.linspace(float(schedule.marginal_lambda(t_start)), float(schedule.marginal_lambda(t_end)), n + 1,
-                             dtype=torch.float64)
+        lo, hi = float(schedule.marginal_lambda(t_start)), float(schedule.marginal_lambda(t_end))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"logSNR spacing needs a finite log-SNR at both ends (t = {t_start:g} .. {t_end:g}); "
+                             "use time_uniform or an end time inside (0, 1)")
+        lam = torch.linspace(lo, hi, n + 1, dtype=torch.float64)
         ts = schedule.inverse_lambda(lam)
     elif spacing == "time_uniform":
         ts = torch.linspace(t_start, t_end, n + 1, dtype=torch.float64)
@@ -102,9 +109,11 @@ def _lambda_split(schedule, s: float, t: float, order: int) -> list[float]:
 
 
 def planned_nfe(sampler: str, steps: int, order: int = 3, fast: bool = True) -> int:
-    """Noise-predictor evaluations one call makes (a guided evaluation counts once: cond and uncond are batched)."""
+    """Network evaluations one call makes (a guided evaluation counts once: cond and uncond are batched)."""
     if sampler in ("dpm_solver", "dpm_solver_pp"):
         return steps if fast else (steps // order) * order
+    if sampler == "heun":
+        return 2 * steps
     if sampler in SAMPLERS:
         return steps
     raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -121,10 +130,11 @@ def _marginals(schedule, ts: Sequence[float]):
             [float(v) for v in schedule.marginal_sigma(t)])
 
 
-def _singlestep_noise(noise_fn: NoiseFn, x: torch.Tensor, schedule, times: list[float]) -> torch.Tensor:
+def _singlestep_noise(model_fn: ModelFn, x: torch.Tensor, schedule, times: list[float]) -> torch.Tensor:
     """One DPM-Solver-k step (noise prediction, Lu et al. 2022 Algorithms 1-2) from times[0] to times[-1]."""
     lam, alpha, sigma = _marginals(schedule, times)
     order, h = len(times) - 1, lam[-1] - lam[0]
+    noise_fn = _noise_pred(model_fn, schedule)
     e_s = noise_fn(x, times[0])
     a_t, s_t = alpha[-1] / alpha[0], sigma[-1]
     if order == 1:  # DPM-Solver-1 (= DDIM): x_t = (a_t / a_s) x - sigma_t (e^h - 1) eps_s
@@ -143,12 +153,14 @@ def _singlestep_noise(noise_fn: NoiseFn, x: torch.Tensor, schedule, times: list[
     return a_t * x - (s_t * math.expm1(h)) * e_s - (s_t * phi_2 / r2) * (e_2 - e_s)
 
 
-def _data_pred(noise_fn: NoiseFn, schedule):
-    """x0(x, t) = (x - sigma_t eps(x, t)) / alpha_t: the data prediction DPM-Solver++ integrates."""
-    def d(x: torch.Tensor, t: float) -> torch.Tensor:
-        a, s = float(schedule.marginal_alpha(t)), float(schedule.marginal_sigma(t))
-        return (x - s * noise_fn(x, t)) / a
-    return d
+def _noise_pred(model_fn: ModelFn, schedule) -> ModelFn:
+    """eps(x, t), the noise prediction DPM-Solver integrates (``model_fn`` itself for eps-prediction)."""
+    return lambda x, t: schedule.eps(model_fn(x, t), x, t)
+
+
+def _data_pred(model_fn: ModelFn, schedule) -> ModelFn:
+    """x0(x, t), the data prediction DPM-Solver++ integrates ((x - sigma_t eps) / alpha_t for eps-prediction)."""
+    return lambda x, t: schedule.x0(model_fn(x, t), x, t)
 
 
 def _singlestep_data(data_fn, x: torch.Tensor, schedule, times: list[float]) -> torch.Tensor:
@@ -174,7 +186,7 @@ def _singlestep_data(data_fn, x: torch.Tensor, schedule, times: list[float]) -> 
     return s_ratio * x - (a_t * phi_1) * d_s + (a_t * phi_2 / r2) * (d_2 - d_s)
 
 
-def dpm_solver(noise_fn: NoiseFn, x: torch.Tensor, schedule, *, steps: int, order: int = 3, fast: bool = True,
+def dpm_solver(model_fn: ModelFn, x: torch.Tensor, schedule, *, steps: int, order: int = 3, fast: bool = True,
                spacing: str = "auto", t_end: float | None = None, generators=None, callback=None) -> torch.Tensor:
     """DPM-Solver (Lu et al., NeurIPS 2022, arXiv 2206.00927), singlestep on the noise prediction.
 
@@ -182,25 +194,25 @@ def dpm_solver(noise_fn: NoiseFn, x: torch.Tensor, schedule, *, steps: int, orde
     VP-SDE, logSNR spacing and t_end = 1e-4 it is what the official continuous-time U-ViT runs sample with.
     fast=False runs steps // order steps of DPM-Solver-``order`` (Algorithms 1-2).
     """
-    spacing = resolve_spacing(schedule, spacing)
+    spacing = resolve_spacing(schedule, spacing, "dpm_solver")
     t_end = schedule.default_t_end("dpm_solver") if t_end is None else t_end
     for i, times in enumerate(singlestep_plan(schedule, steps, order, fast, spacing, t_end)):
-        x = _singlestep_noise(noise_fn, x, schedule, times)
+        x = _singlestep_noise(model_fn, x, schedule, times)
         if callback is not None:
             callback({"i": i, "t": times[-1], "x": x})
     return x
 
 
-def dpm_solver_pp(noise_fn: NoiseFn, x: torch.Tensor, schedule, *, steps: int, order: int = 3, fast: bool = True,
+def dpm_solver_pp(model_fn: ModelFn, x: torch.Tensor, schedule, *, steps: int, order: int = 3, fast: bool = True,
                   spacing: str = "auto", t_end: float | None = None, generators=None, callback=None) -> torch.Tensor:
     """DPM-Solver++ (Lu et al. 2022b, arXiv 2211.01095), singlestep on the data prediction x0 = (x - sigma eps) / alpha.
 
     fast=True with order 3, the discrete schedule, time-uniform spacing from t = 1 to 1/N and 50 steps is what the
     official discrete U-ViT runs sample with (``dpm_solver_pp.py`` method "fast"); fast=False: fixed order.
     """
-    spacing = resolve_spacing(schedule, spacing)
+    spacing = resolve_spacing(schedule, spacing, "dpm_solver_pp")
     t_end = schedule.default_t_end("dpm_solver_pp") if t_end is None else t_end
-    data_fn = _data_pred(noise_fn, schedule)
+    data_fn = _data_pred(model_fn, schedule)
     for i, times in enumerate(singlestep_plan(schedule, steps, order, fast, spacing, t_end)):
         x = _singlestep_data(data_fn, x, schedule, times)
         if callback is not None:
@@ -208,18 +220,18 @@ def dpm_solver_pp(noise_fn: NoiseFn, x: torch.Tensor, schedule, *, steps: int, o
     return x
 
 
-def dpm_solver_pp_2m(noise_fn: NoiseFn, x: torch.Tensor, schedule, *, steps: int, order: int = 2, fast: bool = True,
+def dpm_solver_pp_2m(model_fn: ModelFn, x: torch.Tensor, schedule, *, steps: int, order: int = 2, fast: bool = True,
                      spacing: str = "auto", t_end: float | None = None, generators=None,
                      callback=None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2): multistep, second order, ``steps`` NFE.
 
     The first step is first order; as in the reference, runs of fewer than 10 steps also end with a first-order step.
     """
-    spacing = resolve_spacing(schedule, spacing)
+    spacing = resolve_spacing(schedule, spacing, "dpm_solver_pp_2m")
     t_end = schedule.default_t_end("dpm_solver_pp_2m") if t_end is None else t_end
     ts = time_grid(schedule, spacing, schedule.t_start, t_end, steps)
     lam, alpha, sigma = _marginals(schedule, ts)
-    data_fn = _data_pred(noise_fn, schedule)
+    data_fn = _data_pred(model_fn, schedule)
     d_prev, d_cur = None, data_fn(x, ts[0])
     for i in range(1, steps + 1):
         h = lam[i] - lam[i - 1]
@@ -237,19 +249,21 @@ def dpm_solver_pp_2m(noise_fn: NoiseFn, x: torch.Tensor, schedule, *, steps: int
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# DDIM and the Euler samplers of the SDE / probability-flow ODE
+# DDIM, and Euler(-Maruyama) and Heun on the reverse SDE / probability-flow ODE
 # ---------------------------------------------------------------------------------------------------------------------
 
-def ddim(noise_fn: NoiseFn, x: torch.Tensor, schedule, *, steps: int, order: int = 1, fast: bool = True,
+def ddim(model_fn: ModelFn, x: torch.Tensor, schedule, *, steps: int, order: int = 1, fast: bool = True,
          spacing: str = "auto", t_end: float | None = None, generators=None, callback=None) -> torch.Tensor:
     """DDIM, deterministic (eta = 0; Song et al., ICLR 2021, Eq. 12): x_t = alpha_t x0_hat + sigma_t eps_hat."""
-    spacing = resolve_spacing(schedule, spacing)
+    spacing = resolve_spacing(schedule, spacing, "ddim")
     t_end = schedule.default_t_end("ddim") if t_end is None else t_end
     ts = time_grid(schedule, spacing, schedule.t_start, t_end, steps)
     _, alpha, sigma = _marginals(schedule, ts)
+    target = schedule.target
     for i in range(steps):
-        eps = noise_fn(x, ts[i])
-        x0 = (x - sigma[i] * eps) / alpha[i]
+        out = model_fn(x, ts[i])
+        eps = target.eps(out, x, alpha[i], sigma[i])
+        x0 = target.x0(out, x, alpha[i], sigma[i])
         x = alpha[i + 1] * x0 + sigma[i + 1] * eps
         if callback is not None:
             callback({"i": i, "t": ts[i + 1], "x": x})
@@ -271,46 +285,72 @@ def _gaussian(x: torch.Tensor, generators) -> torch.Tensor:
     return z.to(device=x.device, dtype=x.dtype)
 
 
-def euler_maruyama(noise_fn: NoiseFn, x: torch.Tensor, schedule, *, steps: int, order: int = 1, fast: bool = True,
+def euler_maruyama(model_fn: ModelFn, x: torch.Tensor, schedule, *, steps: int, order: int = 1, fast: bool = True,
                    spacing: str = "auto", t_end: float | None = None, generators=None,
                    callback=None) -> torch.Tensor:
-    """Euler-Maruyama on the reverse-time SDE dx = [f x - g^2 score] dt + g dw (Song et al., ICLR 2021, Eq. 6).
+    """Euler-Maruyama on the reverse-time SDE dx = [v - w/2 score] dt + sqrt(w) dw (Song et al., ICLR 2021, Eq. 6).
 
-    With the VP-SDE and 1000 steps from t = 1 to 1e-3, then a noise-free step to 0, this is the official pixel
-    CIFAR10 / CelebA protocol (official ``sde.euler_maruyama``). score = -eps / sigma_t; f = -beta/2; g^2 = beta.
+    With the VP-SDE (w = g^2 = beta) and 1000 steps from t = 1 to 1e-3, then a noise-free step to 0, this is the
+    official pixel CIFAR10 / CelebA protocol (official ``sde.euler_maruyama``). On flow, w = 2 sigma_t (SiT's SDE
+    sampler) and the noise-free last step starts at t = 3e-3. The drift is ``schedule.reverse_sde``.
     """
     t_end = schedule.default_t_end("euler_maruyama") if t_end is None else t_end
     ts = _euler_grid(schedule, steps, t_end)
     for i in range(steps):
         t, s = ts[i], ts[i + 1]
-        beta, sigma = float(schedule.beta(t)), float(schedule.marginal_sigma(t))
-        eps = noise_fn(x, t)
+        drift, w = schedule.reverse_sde(model_fn(x, t), x, t)
         dt = s - t  # negative
-        # drift = -beta/2 x - beta * score = -beta/2 x + (beta / sigma) eps
-        x_mean = x + ((-0.5 * beta) * x + (beta / sigma) * eps) * dt
-        x = x_mean + math.sqrt(beta * -dt) * _gaussian(x, generators) if s > 0 else x_mean
+        x_mean = x + drift * dt
+        x = x_mean + math.sqrt(w * -dt) * _gaussian(x, generators) if s > 0 else x_mean
         if callback is not None:
             callback({"i": i, "t": s, "x": x})
     return x
 
 
-def pf_ode_euler(noise_fn: NoiseFn, x: torch.Tensor, schedule, *, steps: int, order: int = 1, fast: bool = True,
+def _ode_steps(model_fn: ModelFn, x: torch.Tensor, schedule, ts: list[float], heun: bool, callback) -> torch.Tensor:
+    """Euler (or Heun's trapezoid corrector) on the probability-flow ODE dx/dt = ``schedule.pf_ode_drift`` over ts."""
+    for i in range(len(ts) - 1):
+        t, s = ts[i], ts[i + 1]
+        d = schedule.pf_ode_drift(model_fn(x, t), x, t)
+        x_next = x + d * (s - t)
+        if heun:
+            d_next = schedule.pf_ode_drift(model_fn(x_next, s), x_next, s)
+            x_next = x + (0.5 * (s - t)) * (d + d_next)
+        x = x_next
+        if callback is not None:
+            callback({"i": i, "t": s, "x": x})
+    return x
+
+
+def pf_ode_euler(model_fn: ModelFn, x: torch.Tensor, schedule, *, steps: int, order: int = 1, fast: bool = True,
                  spacing: str = "auto", t_end: float | None = None, generators=None,
                  callback=None) -> torch.Tensor:
     """Euler on the probability-flow ODE dx = [f x - g^2 score / 2] dt (Song et al., ICLR 2021, Eq. 13).
 
-    The same time grid as ``euler_maruyama`` (official ``sde.euler_maruyama(sde.ODE(...))``), deterministic.
+    The same time grid as ``euler_maruyama`` (official ``sde.euler_maruyama(sde.ODE(...))``), deterministic; the
+    VP formulations' official ODE sampler (``euler`` is the same integrator on any spacing, for every formulation).
     """
     t_end = schedule.default_t_end("pf_ode_euler") if t_end is None else t_end
-    ts = _euler_grid(schedule, steps, t_end)
-    for i in range(steps):
-        t, s = ts[i], ts[i + 1]
-        beta, sigma = float(schedule.beta(t)), float(schedule.marginal_sigma(t))
-        eps = noise_fn(x, t)
-        x = x + ((-0.5 * beta) * x + (0.5 * beta / sigma) * eps) * (s - t)
-        if callback is not None:
-            callback({"i": i, "t": s, "x": x})
-    return x
+    return _ode_steps(model_fn, x, schedule, _euler_grid(schedule, steps, t_end), False, callback)
+
+
+def euler(model_fn: ModelFn, x: torch.Tensor, schedule, *, steps: int, order: int = 1, fast: bool = True,
+          spacing: str = "auto", t_end: float | None = None, generators=None, callback=None) -> torch.Tensor:
+    """Euler on the probability-flow ODE, ``steps`` steps on a ``spacing`` grid (SiT's ODE "euler"); first order."""
+    spacing = resolve_spacing(schedule, spacing, "euler")
+    t_end = schedule.default_t_end("euler") if t_end is None else t_end
+    return _ode_steps(model_fn, x, schedule, time_grid(schedule, spacing, schedule.t_start, t_end, steps), False,
+                      callback)
+
+
+def heun(model_fn: ModelFn, x: torch.Tensor, schedule, *, steps: int, order: int = 2, fast: bool = True,
+         spacing: str = "auto", t_end: float | None = None, generators=None, callback=None) -> torch.Tensor:
+    """Heun's method (explicit trapezoid) on the probability-flow ODE (Karras et al. 2022, Alg. 1; SiT's "heun"):
+    second order, 2 NFE per step, on the same grid as ``euler``."""
+    spacing = resolve_spacing(schedule, spacing, "heun")
+    t_end = schedule.default_t_end("heun") if t_end is None else t_end
+    return _ode_steps(model_fn, x, schedule, time_grid(schedule, spacing, schedule.t_start, t_end, steps), True,
+                      callback)
 
 
 # name (recipe.Sampler) -> sampler function
@@ -320,8 +360,25 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "dpm_solver_pp_2m": dpm_solver_pp_2m,
     "euler_maruyama": euler_maruyama,
     "pf_ode_euler": pf_ode_euler,
+    "euler": euler,
+    "heun": heun,
     "ddim": ddim,
 }
+
+
+def evaluation_times(name: str, schedule, *, steps: int, order: int = 3, fast: bool = True, spacing: str = "auto",
+                     t_end: float | None = None) -> list[float]:
+    """The sampler times at which a sampler evaluates the network, in order: the sampler run on a one-number batch
+    with a zero network (cheap), so it is exact for every sampler (guidance intervals count their NFE from it)."""
+    times: list[float] = []
+
+    def probe(x: torch.Tensor, t: float) -> torch.Tensor:
+        times.append(float(t))
+        return torch.zeros_like(x)
+
+    get_sampler(name)(probe, torch.zeros(1, 1, dtype=torch.float64), schedule, steps=steps, order=order, fast=fast,
+                      spacing=spacing, t_end=t_end, generators=[torch.Generator().manual_seed(0)])
+    return times
 
 
 def get_sampler(name: str):

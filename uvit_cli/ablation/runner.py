@@ -1,5 +1,6 @@
-"""Running a suite: each variant trains in OUT/runs/<variant> with the suite's seed and data order; finished
-variants are skipped on resume and an interrupted one continues exactly (training's own resume)."""
+"""Running a suite: each variant trains in OUT/runs/<variant> (OUT/runs/<variant>+seed<k> for further training seeds)
+with the suite's seed and data order; finished runs are skipped on resume and an interrupted one continues exactly
+(training's own resume)."""
 
 from __future__ import annotations
 
@@ -21,25 +22,57 @@ from ..recipe import Recipe, load_recipe, replace
 from ..run import RUN_EMA, RUN_RECIPE, MetricsLog, check_resume_compatible, read_metrics
 from ..train import train
 from .report import write_report
-from .suite import SUITE_COPY, Suite, read_wall, run_dir_of, select_variants, variant_recipe, write_wall
+from .suite import (NFE_PREFIX, SUITE_COPY, Suite, read_wall, run_dir_of, select_variants, training_label,
+                    variant_recipe, write_wall)
 
 log = logging.getLogger(__name__)
 
 
-def variant_status(suite: Suite, out_dir: Path, variant: str) -> tuple[str, int]:
-    """("new" | "partial" | "done", last checkpointed step). Done: trained to ``steps`` and evaluated there."""
-    run_dir = run_dir_of(out_dir, variant)
+def _evaluated(metrics: list[dict], suite: Suite) -> bool:
+    return any(m.get("step") == suite.steps and f"monitor/{suite.metric}" in m for m in metrics)
+
+
+def _nfe_done(metrics: list[dict], suite: Suite) -> set[int]:
+    """The sampler step counts of ``eval_steps`` already scored at the last step."""
+    return {m["sampler_steps"] for m in metrics if m.get("step") == suite.steps and "sampler_steps" in m
+            and f"{NFE_PREFIX}{suite.metric}" in m}
+
+
+def variant_status(suite: Suite, out_dir: Path, variant: str, seed: int = 0) -> tuple[str, int]:
+    """("new" | "partial" | "done", last checkpointed step) of one training run. Done: trained to ``steps`` and
+    evaluated there, at the recipe's sampler steps and at every ``eval_steps`` count."""
+    run_dir = run_dir_of(out_dir, variant, seed)
     states = list_states(run_dir)
     step = states[-1][0] if states else 0
     if not states:
         return "new", 0
-    evaluated = any(m.get("step") == suite.steps and f"monitor/{suite.metric}" in m for m in read_metrics(run_dir))
-    return ("done" if step >= suite.steps and evaluated else "partial"), step
+    metrics = read_metrics(run_dir)
+    done = step >= suite.steps and _evaluated(metrics, suite) and set(suite.eval_steps) <= _nfe_done(metrics, suite)
+    return ("done" if done else "partial"), step
+
+
+def _as_nfe(record: dict, steps: int) -> dict:
+    """A monitor record as the record of one ``eval_steps`` entry: ``nfe_eval/`` keys, the step count, the NFE."""
+    card = record.get("monitor_protocol", {})
+    out = {"sampler_steps": steps, "nfe": card.get("nfe")}
+    out.update({NFE_PREFIX + k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("monitor/")})
+    out["nfe_eval_protocol"] = card
+    return out
+
+
+def nfe_record(model, recipe: Recipe, steps: int, device) -> dict | None:
+    """The monitor metric of the final weights sampled with ``steps`` sampler steps, under ``nfe_eval/`` keys with
+    the step count, the NFE and the protocol card."""
+    record = monitor_record(model, replace(recipe, sample={"steps": steps}), device)
+    return None if record is None else _as_nfe(record, steps)
 
 
 def _final_eval(recipe: Recipe, run_dir: Path, suite: Suite, device) -> None:
-    """Evaluate the final EMA when the last step was not an evaluation step (or an interruption skipped it)."""
-    if any(m.get("step") == suite.steps and f"monitor/{suite.metric}" in m for m in read_metrics(run_dir)):
+    """Evaluate the final EMA when the last step was not an evaluation step (or an interruption skipped it), and at
+    each of the suite's ``eval_steps`` not scored yet (the recipe's own step count reuses the monitor's value)."""
+    metrics = read_metrics(run_dir)
+    todo = [k for k in suite.eval_steps if k not in _nfe_done(metrics, suite)]
+    if _evaluated(metrics, suite) and not todo:
         return
     sd, meta = load_weights(run_dir / RUN_EMA)
     if int(json.loads(meta.get("step", "-1"))) != suite.steps:
@@ -47,9 +80,20 @@ def _final_eval(recipe: Recipe, run_dir: Path, suite: Suite, device) -> None:
         return
     model = build_model(recipe).to(device)
     load_into(model, sd, str(run_dir / RUN_EMA))
-    result = monitor_record(model.eval(), recipe, device)
-    if result is not None:
-        MetricsLog(run_dir).write({"step": suite.steps, **result})
+    model.eval()
+    log_ = MetricsLog(run_dir)
+    final = next((m for m in metrics if m.get("step") == suite.steps and f"monitor/{suite.metric}" in m), None)
+    if final is None:
+        final = monitor_record(model, recipe, device)
+        if final is None:
+            return
+        final = {"step": suite.steps, **final}
+        log_.write(final)
+    for k in todo:
+        # the recipe's own step count: the monitor already sampled with it
+        record = _as_nfe(final, k) if k == recipe.sample.steps else nfe_record(model, recipe, k, device)
+        if record is not None:
+            log_.write({"step": suite.steps, **record})
 
 
 def check_monitor(recipe: Recipe, variant: str, device) -> None:
@@ -67,28 +111,29 @@ def check_monitor(recipe: Recipe, variant: str, device) -> None:
 def run_suite(suite: Suite, out_dir: str | Path, *, only: Optional[list[str]] = None, resume: bool = False,
               device: str = "auto", extra: Optional[list[str]] = None,
               progress: Optional[Callable[[str, int, int, int, int, dict], None]] = None) -> Path:
-    """Train every selected variant into OUT/runs/<variant> and write the report; returns OUT.
+    """Train every selected variant (with each of the suite's seeds) into OUT/runs/ and write the report; returns OUT.
 
-    Finished variants are skipped with ``resume``; an interrupted one continues from its last checkpoint (training's
-    exact resume). ``progress(variant, index, count, step, total, info)`` is called after every step (info holds the
+    Finished runs are skipped with ``resume``; an interrupted one continues from its last checkpoint (training's
+    exact resume). ``progress(run, index, count, step, total, info)`` is called after every step (info holds the
     last logged metrics, or {"skipped": True}). Under torchrun every rank calls this; rank 0 writes the report.
     """
     out_dir = Path(out_dir)
     names = select_variants(suite, only)
-    recipes = {n: variant_recipe(suite, n, extra) for n in names}  # every overlay is checked before any training
+    units = suite.trainings(names)
+    recipes = {(n, k): variant_recipe(suite, n, extra, k) for n, k in units}  # every overlay checked before training
     dev = dist.init(device)
-    plan = dist.broadcast_object({n: variant_status(suite, out_dir, n) for n in names} if dist.is_main() else None)
-    started = [n for n in names if plan[n][0] != "new"]
+    plan = dist.broadcast_object({u: variant_status(suite, out_dir, *u) for u in units} if dist.is_main() else None)
+    started = [u for u in units if plan[u][0] != "new"]
     if started and not resume:
-        raise UvitError(f"{out_dir} already holds runs of {', '.join(started)}; pass --resume to continue them "
-                        "(finished variants are skipped) or pick a new --out")
-    for n in started:
-        check_resume_compatible(load_recipe(run_dir_of(out_dir, n) / RUN_RECIPE), recipes[n], run_dir_of(out_dir, n))
-    todo = [n for n in names if plan[n][0] != "done"]
+        raise UvitError(f"{out_dir} already holds runs of {', '.join(training_label(*u) for u in started)}; pass "
+                        "--resume to continue them (finished runs are skipped) or pick a new --out")
+    for u in started:
+        check_resume_compatible(load_recipe(run_dir_of(out_dir, *u) / RUN_RECIPE), recipes[u], run_dir_of(out_dir, *u))
+    todo = [u for u in units if plan[u][0] != "done"]
     error = None
     if dist.is_main() and todo:
         try:
-            check_monitor(recipes[todo[0]], todo[0], dev)
+            check_monitor(recipes[todo[0]], todo[0][0], dev)
         except UvitError as e:
             error = str(e)
     error = dist.broadcast_object(error)  # every rank stops, not only rank 0
@@ -98,30 +143,30 @@ def run_suite(suite: Suite, out_dir: str | Path, *, only: Optional[list[str]] = 
         out_dir.mkdir(parents=True, exist_ok=True)
         _write_suite_copy(suite, out_dir)
 
-    for i, name in enumerate(names):
-        status, step0 = plan[name]
-        run_dir = run_dir_of(out_dir, name)
+    for i, unit in enumerate(units):
+        status, step0 = plan[unit]
+        label, run_dir, recipe = training_label(*unit), run_dir_of(out_dir, *unit), recipes[unit]
         if status == "done":
-            log.info("%s: finished earlier, skipped", name)
+            log.info("%s: finished earlier, skipped", label)
             if progress:
-                progress(name, i, len(names), suite.steps, suite.steps, {"skipped": True})
+                progress(label, i, len(units), suite.steps, suite.steps, {"skipped": True})
             continue
         wall = read_wall(run_dir)
         offset = max((w for s, w in wall.items() if s <= step0), default=0.0)
-        start, save_every = time.perf_counter(), recipes[name].train.save_every
+        start, save_every = time.perf_counter(), recipe.train.save_every
 
-        def on_step(step, total, info, name=name, i=i, wall=wall, offset=offset, start=start, run_dir=run_dir,
+        def on_step(step, total, info, label=label, i=i, wall=wall, offset=offset, start=start, run_dir=run_dir,
                     save_every=save_every):
             if dist.is_main() and (step % suite.eval_every == 0 or step % save_every == 0 or step == total):
                 wall[step] = offset + time.perf_counter() - start
                 write_wall(run_dir, wall)
             if progress:
-                progress(name, i, len(names), step, total, info)
+                progress(label, i, len(units), step, total, info)
 
-        log.info("%s (%d/%d): training %d steps in %s", name, i + 1, len(names), suite.steps, run_dir)
-        train(recipes[name], run_dir, device=device, resume=resume, progress=on_step)
+        log.info("%s (%d/%d): training %d steps in %s", label, i + 1, len(units), suite.steps, run_dir)
+        train(recipe, run_dir, device=device, resume=resume, progress=on_step)
         if dist.is_main():
-            _final_eval(recipes[name], run_dir, suite, dev)
+            _final_eval(recipe, run_dir, suite, dev)
             wall.setdefault(suite.steps, offset + time.perf_counter() - start)
             write_wall(run_dir, wall)
             write_report(suite, out_dir)

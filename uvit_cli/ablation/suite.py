@@ -4,6 +4,8 @@ A suite YAML names a base recipe, overrides shared by every variant, the trainin
 the variants (a few ``section.key: value`` lines each) and the factors that group them (the paper's Figure 2
 (a)-(e) and its scaling study). Every factor carries the paper's finding as checkable claims such as
 ``base > skip_none`` (better than), ``base >= depth17`` (not worse than) or ``depth13 ~ depth17`` (tied).
+``seeds: K`` trains every variant with K training seeds (the recipe's seed + 0..K-1), so claims can be judged
+against the spread; ``eval_steps: [10, 25, 50]`` also scores the final weights at those sampler step counts.
 Running is in runner.py, the report (results.jsonl, one figure per factor, results.md) in report.py.
 """
 
@@ -22,14 +24,16 @@ from ..errors import UvitError
 from ..files import write_json
 from ..metrics.evaluate import DIGITS_METRICS, parse_metrics
 from ..recipe import (SECTIONS, Recipe, RecipeError, apply_overrides, read_yaml, recipe_from_dict, recipes_dir,
-                      resolve_recipe_path)
+                      replace, resolve_recipe_path)
 
 SUITE_KEYS = ("name", "description", "scale_note", "base", "overrides", "steps", "eval_every", "metric",
-              "lower_is_better", "metric_label", "tie_tolerance", "rank_step", "variants", "factors")
+              "lower_is_better", "metric_label", "tie_tolerance", "rank_step", "seeds", "eval_steps", "variants",
+              "factors")
 FACTOR_KEYS = ("title", "finding", "variants", "claims")
 CLAIM = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*(>=|>|~)\s*([A-Za-z0-9_.-]+)\s*$")
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SUITE_COPY = "suite.yaml"  # the suite as run, written into its output directory
+NFE_PREFIX = "nfe_eval/"  # metrics.jsonl keys of the final weights scored at one of the suite's eval_steps
 WALL_FILE = "ablation_wall.json"  # per run: cumulative seconds of this variant's training + evaluation per step
 
 
@@ -75,10 +79,16 @@ class Suite:
     metric_label: str = ""           # axis label, e.g. "FID-10K (Inception, pytorch-fid)"
     tie_tolerance: float = 0.05      # relative gap within which two variants count as tied
     rank_step: Optional[int] = None  # the step at which variants are ranked (default: the last)
+    seeds: int = 1                   # training seeds per variant: train.seed + 0 .. seeds - 1
+    eval_steps: tuple[int, ...] = ()  # sampler step counts the final weights are also scored at (one column each)
     raw: dict = field(default_factory=dict, compare=False, repr=False)  # the YAML data, for the copy in OUT
 
     def factors_of(self, variant: str) -> list[str]:
         return [f for f, fac in self.factors.items() if variant in fac.labels]
+
+    def trainings(self, names: list[str]) -> list[tuple[str, int]]:
+        """(variant, seed index) of every training run, seed by seed (all variants of seed 0 first)."""
+        return [(n, k) for k in range(self.seeds) for n in names]
 
     @property
     def ranked_at(self) -> int:
@@ -206,6 +216,11 @@ def suite_from_dict(raw: Any, source: str = "suite", base_dir: Path | None = Non
     tol = raw.get("tie_tolerance", 0.05)
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
         raise SuiteError(f"{source}: `tie_tolerance` must be a number in [0, 1), got {tol!r}")
+    eval_steps = raw.get("eval_steps") or []
+    if not isinstance(eval_steps, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                                   for v in eval_steps):
+        raise SuiteError(f"{source}: `eval_steps` must be a list of sampler step counts >= 1, e.g. [10, 25, 50]; "
+                         f"got {eval_steps!r}")
     return Suite(name=str(raw.get("name") or Path(source).stem), source=source, base=base,
                  steps=_int(raw, "steps", source), eval_every=_int(raw, "eval_every", source),
                  metric=str(raw["metric"]), lower_is_better=lower, variants=variants, factors=factors,
@@ -213,6 +228,8 @@ def suite_from_dict(raw: Any, source: str = "suite", base_dir: Path | None = Non
                  description=str(raw.get("description", "")), scale_note=str(raw.get("scale_note", "")).strip(),
                  metric_label=str(raw.get("metric_label", raw["metric"])), tie_tolerance=float(tol),
                  rank_step=_int(raw, "rank_step", source, required=False),
+                 seeds=_int(raw, "seeds", source, required=False) or 1,
+                 eval_steps=tuple(sorted(set(eval_steps))),
                  raw={**raw, "base": str(Path(base).resolve())})
 
 
@@ -234,8 +251,10 @@ def resolve_suite_path(path: str | Path) -> Path:
     raise SuiteError(f"ablation suite {str(path)!r} not found{_close(p.stem, names)}")
 
 
-def load_suite(path: str | Path, *, steps: Optional[int] = None, eval_every: Optional[int] = None) -> Suite:
-    """Load a suite YAML (a path or a shipped suite name); ``steps`` / ``eval_every`` replace the file's values."""
+def load_suite(path: str | Path, *, steps: Optional[int] = None, eval_every: Optional[int] = None,
+               seeds: Optional[int] = None) -> Suite:
+    """Load a suite YAML (a path or a shipped suite name); ``steps`` / ``eval_every`` / ``seeds`` replace the
+    file's values."""
     path = resolve_suite_path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -247,6 +266,8 @@ def load_suite(path: str | Path, *, steps: Optional[int] = None, eval_every: Opt
             raw["steps"] = steps
         if eval_every is not None:
             raw["eval_every"] = eval_every
+        if seeds is not None:
+            raw["seeds"] = seeds
     return suite_from_dict(raw, source=str(path), base_dir=path.parent)
 
 
@@ -254,9 +275,10 @@ def shipped_suites() -> list[Path]:
     return sorted(suites_dir().glob("*.yaml"))
 
 
-def variant_recipe(suite: Suite, name: str, extra: Optional[list[str]] = None) -> Recipe:
+def variant_recipe(suite: Suite, name: str, extra: Optional[list[str]] = None, seed: int = 0) -> Recipe:
     """The recipe a variant trains: base, then the suite's shared overrides, ``extra`` (--set), the variant's own,
-    then the suite's length and evaluation interval. Errors name the variant and the key."""
+    then the suite's length and evaluation interval, and for seed index k > 0 the training seed + k. Errors name
+    the variant and the key."""
     raw = read_yaml(suite.base)
     where = f"{suite.source}: variant {name!r}"
     try:
@@ -266,6 +288,8 @@ def variant_recipe(suite: Suite, name: str, extra: Optional[list[str]] = None) -
         raw = apply_overrides(raw, [f"train.steps={suite.steps}", f"train.eval_every={suite.eval_every}",
                                     f"name={json.dumps(f'{suite.name}-{name}')}"])
         recipe = recipe_from_dict(raw, source=f"{Path(suite.base).name} + {name}")
+        if seed:
+            recipe = replace(recipe, train={"seed": recipe.train.seed + seed})
     except RecipeError as e:
         raise SuiteError(f"{where} makes an invalid recipe: {e}") from None
     _check_metric(suite, recipe, where)
@@ -317,9 +341,15 @@ def select_variants(suite: Suite, only: Optional[list[str]] = None) -> list[str]
 # A suite's output directory
 # ---------------------------------------------------------------------------------------------------------------------
 
-def run_dir_of(out_dir: Path, variant: str) -> Path:
-    """Where a variant trains: OUT/runs/<variant>."""
-    return Path(out_dir) / "runs" / variant
+def run_dir_of(out_dir: Path, variant: str, seed: int = 0) -> Path:
+    """Where a variant trains: OUT/runs/<variant>, and OUT/runs/<variant>+seed<k> for seed index k > 0 ('+' is
+    not allowed in variant names, so the two never collide)."""
+    return Path(out_dir) / "runs" / (variant if seed == 0 else f"{variant}+seed{seed}")
+
+
+def training_label(variant: str, seed: int) -> str:
+    """A training run's name in messages and progress: the variant, with its seed index when it has one."""
+    return variant if seed == 0 else f"{variant} (seed {seed})"
 
 
 def read_wall(run_dir: Path) -> dict[int, float]:

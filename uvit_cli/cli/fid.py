@@ -196,6 +196,8 @@ def _sample_run(target: Path, recipe_path, overrides, weights, seed, samples_out
                                     forward_batch=fb, device_type=torch.device(device).type, compiled=compile_)
     meta = {**card, "sampling_recipe_sha256": model_eval.sampling_identity(recipe)}
     meta.pop("checkpoint", None)  # the hash identifies the weights; the path may move
+    for key in ("nfe_guided", "forward_cost"):  # derived from the sampling recipe, which the identity covers
+        meta.pop(key, None)
     out = samples_out or model_eval.samples_path(target, recipe, n, meta)
     if main:
         console.print(f"sampling {n} images into {out} (resumable; kept after scoring)"

@@ -66,7 +66,12 @@ def info_cmd(
     table.add_row("forward GFLOPs / image", f"{gflops / 2e9:.2f} multiply-adds (paper convention); "
                                              f"{gflops / 1e9:.2f} FLOPs")
     table.add_row("conditioning", recipe.conditioning + (" + null (guidance)" if recipe.has_null_condition else ""))
-    table.add_row("guidance w", f"{recipe.sample.cfg_scale} (official scale {recipe.sample.cfg_scale - 1:g})")
+    tr = recipe.train
+    table.add_row("objective", f"{recipe.diffusion.formulation}, predicts {recipe.prediction_target}; training times "
+                               f"{tr.time_sampling}; loss weighting {tr.loss_weighting}")
+    table.add_row("guidance w", f"{recipe.sample.cfg_scale} (official scale {recipe.sample.cfg_scale - 1:g})"
+                  + ("" if tuple(recipe.sample.guidance_interval) == (0.0, 1.0)
+                     else f", only for t in {list(recipe.sample.guidance_interval)}"))
     if ckpt is not None:
         table.add_row("checkpoint", str(ckpt))
     console.print(table)

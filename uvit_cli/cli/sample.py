@@ -16,6 +16,7 @@ import typer
 from ..data.imagenet_classes import imagenet_class_id, imagenet_class_names
 from ..errors import UvitError
 from ..files import prepare_output, sha256_file
+from ..recipe import samplers_by_formulation
 from .app import app, console, setup_logging
 from .options import (IO, PERF, DeviceOption, NprocOption, PrecisionChoice, SamplerChoice, SetOption, VerboseOption,
                       WeightsChoice, WeightsOption, compile_option, forward_batch_option, parse_seeds,
@@ -116,7 +117,8 @@ def sample_cmd(
     n: Optional[int] = typer.Option(None, "--n", min=1, help="number of images, seeds --seed.. (default 16)",
                                     rich_help_panel="Seeds"),
     seed: int = typer.Option(0, "--seed", min=0, help="first seed with --n", rich_help_panel="Seeds"),
-    sampler: Optional[SamplerChoice] = typer.Option(None, "--sampler", help="sampler (default: the recipe's)",
+    sampler: Optional[SamplerChoice] = typer.Option(None, "--sampler", help="sampler (default: the recipe's); "
+                                                    f"by formulation: {samplers_by_formulation()}",
                                                     rich_help_panel="Sampler"),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="sampler steps (default: the recipe's)",
                                         rich_help_panel="Sampler"),

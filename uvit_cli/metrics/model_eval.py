@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..build import build_decoder, build_text_encoder, nfe_per_sample
+from ..build import build_decoder, build_text_encoder, guided_nfe_per_sample, nfe_per_sample
 from ..data.latents import MANIFEST, check_latents_against_recipe, open_latents
 from ..errors import UvitError
 from ..files import sha256_file
@@ -109,13 +109,24 @@ def sampling_card(recipe, *, num_samples: int, seed: int, weights: str = "ema", 
                   checkpoint_sha256: str | None = None, precision: str = "fp32",
                   conditions: Optional[EvalConditions] = None, forward_batch: int | None = None,
                   device_type: str | None = None, compiled: bool = False) -> dict:
-    """The sampling half of the protocol card (with the caption draw of a text model)."""
+    """The sampling half of the protocol card (with the caption draw of a text model).
+
+    ``nfe`` counts network evaluations per sample. With guidance the card also says how many were guided
+    (``nfe_guided``; with a guidance interval, fewer) and their cost in single-batch forwards (``forward_cost``): a
+    guided evaluation is one batched forward of twice the batch (cost 2), an unguided one of the batch (cost 1).
+    """
     s = recipe.sample
+    nfe = nfe_per_sample(recipe)
     card = {"recipe": recipe.name, "weights": weights, "sampler": s.sampler, "steps": s.steps,
-            "nfe": nfe_per_sample(recipe), "guidance_w": s.cfg_scale,
+            "nfe": nfe, "guidance_w": s.cfg_scale,
             "guidance_convention": "w (1 = off); official U-ViT scale = w - 1",
             "class_sampling": recipe.eval.class_sampling if recipe.conditioning == "class" else "none",
             "seeds": f"{seed}..{seed + num_samples - 1} (one per sample)", "precision": precision}
+    if s.cfg_scale != 1.0:
+        guided = guided_nfe_per_sample(recipe)
+        card.update(nfe_guided=guided, forward_cost=nfe + guided)
+        if tuple(s.guidance_interval) != (0.0, 1.0):
+            card["guidance_interval"] = f"sampler time t in {list(s.guidance_interval)} (t = 1 is noise)"
     if s.sampler.startswith("dpm_solver") and s.sampler != "dpm_solver_pp_2m":
         card.update(order=s.order, fast=s.fast)
     if conditions is not None:
@@ -171,6 +182,11 @@ def sampling_identity(recipe) -> str:
     d = recipe_to_dict(recipe)
     d["sample"].pop("batch_size")        # samples do not depend on the batch size (per-sample seeds)
     d["model"].pop("grad_checkpoint")    # nor on activation checkpointing
+    # fields added later, at the value that samples as before, leave the identity (and kept samples) unchanged
+    if d["diffusion"]["prediction"] == "auto":
+        d["diffusion"].pop("prediction")
+    if d["sample"]["guidance_interval"] == [0.0, 1.0]:
+        d["sample"].pop("guidance_interval")
     keep = {"model": d["model"], "diffusion": d["diffusion"], "sample": d["sample"],
             "class_sampling": d["eval"]["class_sampling"], "vae": d["data"]["vae"],
             "scale_factor": d["data"]["scale_factor"]}
