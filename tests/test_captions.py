@@ -10,7 +10,8 @@ from uvit_cli.data.captions import (HELD_OUT_PHRASINGS, TRAIN_PHRASINGS, WORDS, 
                                     digit_captions, stroke_weights)
 from uvit_cli.data.digits import load_digits_uint8
 from uvit_cli.errors import UvitError
-from uvit_cli.files import sha256_file
+from uvit_cli.files import read_json, sha256_file
+from uvit_cli.metrics.captions import cache_conditions, draw_captions
 from uvit_cli.recipe import load_recipe
 from uvit_cli.text import builtin_tower_dir, load_text_encoder
 
@@ -100,3 +101,25 @@ def test_a_text_run_trains_keeps_its_tower_and_samples_prompts(tmp_path, uvit):
     with np.load(tmp_path / "s.npz") as a, np.load(tmp_path / "t.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"])
     assert load_recipe(run / "recipe.yaml").data.text_encoder == "builtin:digits-clip"
+    # `uvit fid RUN` draws held-out captions and checks that each sample is the digit its caption asks for
+    res = uvit("fid", run, "-n", "20", "--json", tmp_path / "fid.json")
+    assert res.returncode == 0, res.output
+    result = read_json(tmp_path / "fid.json")
+    assert {"fd_digits", "acc_digits"} <= set(result["metrics"]), result
+    assert "held-out" in result["protocol"]["caption_source"], result["protocol"]
+
+
+def test_the_fid_protocol_draws_held_out_captions_with_the_class_they_name(encoder, tmp_path):
+    digits = CaptionedDigits(build_caption_cache(encoder, tmp_path / "cache"), "val")
+    cond = cache_conditions(digits, 30, seed=5)
+    items, ks = draw_captions(digits, 30, seed=5)
+    assert np.array_equal(cond.labels, digits.labels.numpy()[items])
+    for j in (0, 17):
+        caption = digits.captions[items[j]][ks[j]]
+        assert WORDS[cond.labels[j]] in caption or str(cond.labels[j]) in caption
+        assert caption not in {p.format(w=WORDS[cond.labels[j]], d=cond.labels[j], weight=w)
+                               for p in TRAIN_PHRASINGS for w in ("", "thick ", "thin ")}
+        torch.testing.assert_close(cond.contexts(j, j + 1)[0], encoder.encode([caption])[0], atol=2e-3, rtol=1e-3)
+    # and a class-free caption set gives no labels (the MS-COCO cache)
+    digits.labels = None
+    assert cache_conditions(digits, 4, seed=5).labels is None

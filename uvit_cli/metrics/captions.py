@@ -13,7 +13,8 @@ captions, from the same generator. The protocol card records the seed, the count
 A caption set is anything with ``len()``, ``caption_counts`` (captions per item) and ``context(i, k)`` (caption k
 of item i as a (tokens, width) tensor), as ``data/latents.LatentDataset`` has for an encoded val cache
 (``uvit encode-latents coco --split val``); with ``flips`` true, odd items mirror the even ones and only even
-items are drawn. A prompts file instead conditions sample i on prompt i mod P, in order (a pinned caption list).
+items are drawn. A set with ``labels`` (the built-in captioned digits) also gives each sample the class of the image
+its caption was drawn from, so the digits metric can check that the asked digit was drawn. A prompts file instead conditions sample i on prompt i mod P, in order (a pinned caption list).
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ class CaptionConditions:
     """Text contexts of evaluation samples [start, stop), the null context for guidance, and the draw's card."""
 
     def __init__(self, contexts: Callable[[int, int], torch.Tensor], null_context: Optional[torch.Tensor],
-                 card: dict):
+                 card: dict, labels: Optional[np.ndarray] = None):
         self._contexts, self.null_context, self.card = contexts, null_context, card
+        self.labels = labels            # class of the image each caption came from, when the set has classes
 
     def contexts(self, start: int, stop: int) -> torch.Tensor:
         return self._contexts(start, stop).float()
@@ -88,7 +90,9 @@ def cache_conditions(captions: CaptionSet, n: int, seed: int, source: str = "",
     def contexts(start: int, stop: int) -> torch.Tensor:
         return torch.stack([captions.context(int(i), int(k)) for i, k in zip(items[start:stop], ks[start:stop])])
 
-    return CaptionConditions(contexts, None if null is None else torch.as_tensor(null).float(), card)
+    classes = getattr(captions, "labels", None)
+    labels = None if classes is None else np.asarray(classes, dtype=np.int64)[items]
+    return CaptionConditions(contexts, None if null is None else torch.as_tensor(null).float(), card, labels)
 
 
 def prompt_conditions(prompts: Sequence[str], encoder, n: int, source: str = "",

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..build import build_decoder, build_text_encoder, guided_nfe_per_sample, nfe_per_sample
+from ..data.captions import open_captioned_digits
 from ..data.latents import MANIFEST, check_latents_against_recipe, open_latents
 from ..errors import UvitError
 from ..files import sha256_file
@@ -45,7 +46,8 @@ def class_labels(recipe, n: int, seed: int = 0) -> Optional[np.ndarray]:
 
 @dataclass
 class EvalConditions:
-    """What conditions evaluation sample i: class ids (written as labels), caption contexts, or nothing."""
+    """What conditions evaluation sample i: class ids or caption contexts (or nothing); ``labels`` (written into
+    the samples file and scored by acc_digits) are the class ids, or the classes the captions name."""
 
     labels: Optional[np.ndarray] = None
     captions: Optional[CaptionConditions] = None
@@ -59,10 +61,10 @@ class EvalConditions:
         return self.captions.null_context if self.captions is not None else None
 
     def batch(self, start: int, stop: int):
-        if self.labels is not None:
-            return torch.from_numpy(self.labels[start:stop])
         if self.captions is not None:
             return self.captions.contexts(start, stop)
+        if self.labels is not None:
+            return torch.from_numpy(self.labels[start:stop])
         return None
 
 
@@ -71,8 +73,13 @@ def open_captions(recipe, n: int, seed: int, *, captions: str | Path | None = No
                   allow_download: bool | None = None) -> CaptionConditions:
     """The caption conditions of a text model's evaluation: an encoded val cache (``captions``, default
     ``eval.captions``; a .txt there is read as a prompts file) drawn with the MS-COCO protocol, or a prompts file
-    in order, encoded with the recipe's text encoder."""
+    in order, encoded with the recipe's text encoder. The built-in digits default to their held-out phrasings."""
     spec = prompts_file or captions or recipe.eval.captions
+    if not spec and recipe.data.name == "digits":
+        encoder = build_text_encoder(recipe, device, text_encoder, allow_download)
+        digits = open_captioned_digits(encoder, "val")
+        return cache_conditions(digits, n, seed, source="built-in digits captions, held-out phrasings",
+                                source_sha256=sha256_file(digits.root / "manifest.json"))
     if not spec:
         raise UvitError("scoring a text-to-image model needs captions: encode the val split (`uvit encode-latents "
                         "coco --split val`) and pass --captions data/coco256_latents_val (or set eval.captions), "
@@ -101,7 +108,7 @@ def eval_conditions(recipe, n: int, seed: int = 0, captions: Optional[CaptionCon
     if recipe.conditioning == "text":
         if captions is None:
             captions = open_captions(recipe, n, seed)
-        return EvalConditions(captions=captions)
+        return EvalConditions(labels=captions.labels, captions=captions)
     return EvalConditions(labels=class_labels(recipe, n, seed))
 
 
