@@ -52,6 +52,22 @@ def test_bench_cli_runs_peak_train_scaling_and_writes_consistent_json(tmp_path):
     assert by_patch[2]["tflops"] * by_patch[2]["sec_per_step"] > by_patch[4]["tflops"] * by_patch[4]["sec_per_step"]
 
 
+def test_the_profile_suite_splits_the_step_into_phases_and_names_the_operators(tmp_path):
+    out = tmp_path / "profile.json"
+    res = runner.invoke(app, ["bench", "digits_uvit_tiny", "--device", "cpu", "--batch", "4", "--iters", "2",
+                              "--suite", "profile", "--precision", "fp32", "--json", str(out)], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "where the time goes" in res.output and "top operators" in res.output
+    (prof,) = json.loads(out.read_text())["profile"]
+    phases = {p["phase"]: p for p in prof["phases"]}
+    assert list(phases) == ["forward + loss", "backward", "clip + optimizer", "ema"] and prof["steps"] == 2
+    assert all(p["ms_per_step"] > 0 for p in phases.values())
+    assert sum(p["share"] for p in phases.values()) == pytest.approx(1.0)
+    ops = [o["op"] for o in prof["ops"]]
+    assert any(op in ("aten::mm", "aten::addmm", "aten::linear") for op in ops), ops   # a transformer's matmuls
+    assert all(a["self_ms_per_step"] >= b["self_ms_per_step"] for a, b in zip(prof["ops"], prof["ops"][1:]))
+
+
 def test_bench_cli_names_a_bad_suite(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "digits_uvit_tiny", "--suite", "train,speed"])

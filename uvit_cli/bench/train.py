@@ -7,6 +7,7 @@ checkpointing recomputes, divided by the matmul peak measured in the same run on
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import types
 
@@ -38,10 +39,11 @@ def use_naive_attention(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def bench_train(recipe: Recipe, *, batch: int, precision: str = "fp32", compile: bool = False,
-                grad_checkpoint: bool = False, naive_attention: bool = False, device: str = "cpu",
-                warmup: int = 2, iters: int = 5, repeats: int = 3, peak_tflops: float | None = None) -> dict:
-    """A full training step (forward, loss, backward, clip, AdamW, EMA) exactly as ``train()`` runs it."""
+def make_step(recipe: Recipe, *, batch: int, precision: str = "fp32", compile: bool = False,
+              grad_checkpoint: bool = False, naive_attention: bool = False, device: str = "cpu",
+              phases: bool = False):
+    """(step, model): one training step (forward and loss, backward, clip and AdamW, EMA) exactly as ``train()``
+    runs it, on synthetic data of the recipe's shapes; ``phases`` labels each part for the profiler."""
     dev = torch.device(device)
     recipe = replace(recipe, model={"grad_checkpoint": grad_checkpoint}, train={"precision": precision})
     torch.manual_seed(0)
@@ -57,14 +59,28 @@ def bench_train(recipe: Recipe, *, batch: int, precision: str = "fp32", compile:
         y = torch.randint(model.num_classes, (batch,), device=dev)
     noise, u = torch.randn_like(x0), torch.rand(batch)  # u on the CPU, as the training stream gives it
     t = recipe.train
+    label = torch.profiler.record_function if phases else (lambda name: contextlib.nullcontext())
 
     def step():
-        with autocast(dev, precision):
+        with label("forward + loss"), autocast(dev, precision):
             loss = diffusion.loss(net, x0, y, u, noise).mean()
-        scaler.scale(loss).backward()
-        optimizer_step(model, opt, lr_schedule, scaler, t.grad_clip)
-        update_ema(ema, model, ema_rate(t.ema_rate, 0, t.ema_warmup))
+        with label("backward"):
+            scaler.scale(loss).backward()
+        with label("clip + optimizer"):
+            optimizer_step(model, opt, lr_schedule, scaler, t.grad_clip)
+        with label("ema"):
+            update_ema(ema, model, ema_rate(t.ema_rate, 0, t.ema_warmup))
 
+    return step, model
+
+
+def bench_train(recipe: Recipe, *, batch: int, precision: str = "fp32", compile: bool = False,
+                grad_checkpoint: bool = False, naive_attention: bool = False, device: str = "cpu",
+                warmup: int = 2, iters: int = 5, repeats: int = 3, peak_tflops: float | None = None) -> dict:
+    """Time :func:`make_step`: img/s, TFLOP/s, MFU against ``peak_tflops`` and (CUDA) peak memory."""
+    dev = torch.device(device)
+    step, model = make_step(recipe, batch=batch, precision=precision, compile=compile,
+                            grad_checkpoint=grad_checkpoint, naive_attention=naive_attention, device=device)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)

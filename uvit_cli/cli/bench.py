@@ -15,7 +15,7 @@ from ..recipe import Precision, choices
 from .app import app, console, setup_logging
 from .options import DeviceOption, SetOption, parse_list
 
-SUITES = ("peak", "train", "scaling", "sample", "encode", "features")   # one module each in uvit_cli/bench/
+SUITES = ("peak", "train", "profile", "scaling", "sample", "encode", "features")   # one module each in uvit_cli/bench/
 
 
 def _choices(text: str, allowed: tuple, what: str) -> list[str]:
@@ -69,7 +69,7 @@ def bench_cmd(
     import torch
 
     from .. import build, runtime  # deferred: loads torch (cli/app.py)
-    from ..bench import encode, features, sample, timer, train  # deferred: loads torch (cli/app.py)
+    from ..bench import encode, features, profile, sample, timer, train  # deferred: loads torch (cli/app.py)
 
     setup_logging()
     if json_out is not None:
@@ -126,6 +126,15 @@ def bench_cmd(
                           f"{r['peak_mem_gb']:.1f}" if "peak_mem_gb" in r else "-")
         console.print(table)
 
+    if "profile" in suites:
+        result["profile"] = []
+        for prec in precs:
+            for comp in _flags(compile_, "--compile"):
+                r = profile.profile_train(recipe, batch=batch, precision=prec, compile=comp, device=str(dev),
+                                          steps=iters)
+                result["profile"].append(r)
+                _print_profile(r, recipe, dev)
+
     if "scaling" in suites:
         rows = train.bench_scaling(recipe, batches=bs or [1, 4, batch], patch_sizes=ps, precision=precs[-1], device=str(dev),
                                    iters=iters, repeats=repeats)
@@ -179,6 +188,23 @@ def bench_cmd(
     if json_out:
         write_json(json_out, result)
         console.print(f"wrote {json_out}")
+
+
+def _print_profile(r: dict, recipe, dev) -> None:
+    head = (f"{recipe.model.size} training step, batch {r['batch']}, {r['precision']}"
+            f"{', compiled' if r['compile'] else ''}, {dev}: {r['time']} per step, {r['steps']} profiled steps")
+    table = Table(title=f"where the time goes: {head}")
+    for col in ("phase", "ms/step", "share"):
+        table.add_column(col, justify="right")
+    for p in r["phases"]:
+        table.add_row(p["phase"], f"{p['ms_per_step']:.2f}", f"{100 * p['share']:.1f}%")
+    console.print(table)
+    table = Table(title=f"top operators by self time: {head}")
+    for col in ("operator", "self ms/step", "share", "calls/step"):
+        table.add_column(col, justify="right")
+    for o in r["ops"]:
+        table.add_row(o["op"], f"{o['self_ms_per_step']:.2f}", f"{100 * o['share']:.1f}%", f"{o['calls_per_step']:g}")
+    console.print(table)
 
 
 def _print_protocol(r: dict, recipe, repeats: int) -> None:
