@@ -1,16 +1,17 @@
 """The MS-COCO text-to-image route end to end through the CLI, nothing patched: a COCO-2014-format folder of real
 photos, a tiny random VAE and CLIP text tower saved to local directories, encode-latents (train and val), train,
-sample to PNG and .npz."""
+sample to PNG and .npz, and uvit fid RUN with the val captions (a random-init FID Inception stands in for the
+weights, which cannot be fetched here)."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
-import pytest
 from PIL import Image, ImageOps
 
 from encode_fixtures import TINY_CLIP, save_tiny_clip, save_tiny_vae
+from metrics_fixtures import photo_crops, write_random_inception
 from photos import photos
 
 CAPTIONS = {"china": ["a pagoda by a lake", "a temple with a red roof", "a building in a garden"],
@@ -39,12 +40,7 @@ def coco_from_photos(root, split: str, variants: int):
     return root
 
 
-@pytest.fixture(scope="module")
-def coco_run(tmp_path_factory):
-    return tmp_path_factory.mktemp("coco")
-
-
-def test_a_user_s_commands_encode_train_and_sample(tmp_path, uvit):
+def test_a_user_s_commands_encode_train_sample_and_score(tmp_path, uvit, monkeypatch):
     coco = tmp_path / "coco"
     coco_from_photos(coco, "train", 3)
     coco_from_photos(coco, "val", 1)
@@ -78,3 +74,16 @@ sample: {{sampler: dpm_solver_pp, steps: 3, cfg_scale: 2.0}}
     with np.load(tmp_path / "s.npz") as f:
         assert f["arr_0"].shape == (4, 32, 32, 3) and f["arr_0"].dtype == np.uint8
     assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == [f"00000{i}.png" for i in range(4)]
+
+    # uvit fid RUN: the MS-COCO caption protocol over the encoded val split, against statistics of real photos
+    write_random_inception(tmp_path / "th")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    np.savez(tmp_path / "ref.npz", photo_crops(8, 32, 1))
+    res = uvit("fid", run, "--captions", tmp_path / "latents_val", "--ref", tmp_path / "ref.npz", "-n", "6",
+               "--metrics", "fid,is", "--json", tmp_path / "fid.json")
+    assert res.returncode == 0, res.output
+    result = json.loads((tmp_path / "fid.json").read_text())
+    assert set(result["metrics"]) == {"fid", "is"} and np.isfinite(result["metrics"]["fid"])
+    card = result["protocol"]
+    assert card["caption_source"] == str(tmp_path / "latents_val") and card["caption_images"] == 3
+    assert card["guidance_w"] == 2.0 and card["count"] == 6
