@@ -12,6 +12,7 @@ import typer
 
 from rich.table import Table
 
+from ..files import prepare_output
 from .app import app, console, setup_logging
 from .options import DeviceOption, NprocOption, SetOption, VerboseOption, strip_option
 from .progress import progress_bar
@@ -70,6 +71,7 @@ def ablate_cmd(
         return
     for name in names:  # a bad overlay fails here, before any progress display or training
         ablation.variant_recipe(suite, name, overrides)
+    prepare_output(out, "--out", directory=True)
     if nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
         args = strip_option(sys.argv[1:], "--nproc-per-node")
         if "--out" not in args:  # every rank must agree on one directory

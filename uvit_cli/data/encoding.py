@@ -8,8 +8,10 @@ the manifest is built from the shards' completion marks once all exist.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -94,12 +96,23 @@ def finalize(out: str | Path) -> dict | None:
         null = {"file": L.NULL_CONTEXT, "sha256": sha256_file(p), "prompt": ""}
     manifest = L.build_manifest(out, config, marks, null)
     if manifest["count"] == 0:   # no manifest: an empty cache must never look complete
+        _discard(out)             # nor be resumed: its shards only say "skipped", so a rerun must re-read the images
         shown = "; ".join(f"{s['key']}: {s['reason']}" for s in manifest["skipped"][:3])
         raise UvitError(f"no image of {config['source']} could be encoded ({manifest['num_skipped']} skipped: "
                         f"{shown}{' ...' if manifest['num_skipped'] > 3 else ''}); fix or replace the images, then "
                         "rerun the same command")
     write_json(out / L.MANIFEST, manifest)
     return manifest
+
+
+def _discard(out: Path) -> None:
+    """Remove what the encode job wrote in ``out`` (config, shards, null context), and ``out`` itself if that
+    leaves it empty."""
+    shutil.rmtree(out / L.SHARD_DIR, ignore_errors=True)
+    for name in (L.CONFIG, L.NULL_CONTEXT):
+        (out / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        out.rmdir()
 
 
 class _Shard:
