@@ -251,6 +251,10 @@ CASES = [
                                          "--run-dir", "{tmp}/r"], ["{tmp}/nowhere"], subprocess=True),
     Case("train-launcher-bad-key", ["train", "digits_uvit_tiny", "--set", "train.stepz=3", *CPU,
                                     "--nproc-per-node", "2"], ["train.stepz"], subprocess=True),
+    Case("sample-launcher-error-in-the-ranks", ["sample", "{run}", "--n", "4", "--prompt", "a cat", *CPU,
+                                                "--nproc-per-node", "2"], ["--prompt"], subprocess=True),
+    Case("fid-launcher-samples-missing", ["fid", "{tmp}/nope.npz", *CPU, "--nproc-per-node", "2"], ["{tmp}/nope.npz"],
+         subprocess=True),
 
     # --- sample
     Case("sample-target-missing", ["sample", "{tmp}/runs/nope", *CPU], ["{tmp}/runs/nope"]),

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UvitError
+from ..errors import Interrupted, UvitError
 from ..files import read_json, sha256_file, write_json, write_safetensors
-from ..runtime import autocast
+from ..runtime import autocast, graceful_stop, ignore_stop_signals
 from . import latents as L
 from .sources import CroppedImages, collate
 
@@ -195,14 +195,15 @@ def _run(source, out, vae, text, config, mine, batches, total, dataset, num_work
     device = vae.optimize_for_encoding().device
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None)
+        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
+        worker_init_fn=ignore_stop_signals)
     C, h = config["latent_channels"], config["latent_size"]
     shape, flips, S = (2 * C, h, h), config["flips"], config["shard_size"]
     queue = iter(mine)
     shard = None
     done_items = 0
     pending = []
-    with ThreadPoolExecutor(max_workers=1) as writer:
+    with ThreadPoolExecutor(max_workers=1) as writer, graceful_stop() as stop:
         def flush(sh):
             mark = {"index": sh.s, "first": sh.first, "stop": sh.stop, "count": len(sh.labels),
                     "captions": sum(sh.ncap), "skipped": sh.skipped, "converted": sh.converted,
@@ -253,6 +254,12 @@ def _run(source, out, vae, text, config, mine, batches, total, dataset, num_work
             if shard.seen == shard.stop - shard.first:
                 flush(shard)
                 shard = None
+                if stop.requested and done_items < total:   # Ctrl-C / SIGTERM: keep the finished shards, stop
+                    for f in pending:
+                        f.result()
+                    kept = len(L.completed_shards(out, config["num_shards"]))
+                    raise Interrupted(f"encoding stopped by {stop.signal_name}: kept {kept} of "
+                                      f"{config['num_shards']} shards in {out}", same_command=True)
             if progress:
                 progress(done_items, total)
         for f in pending:
