@@ -62,7 +62,7 @@ def _main(*args) -> int:
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Assets:
-    from encode_fixtures import photo_image, save_tiny_vae
+    from encode_fixtures import photo_folder, save_tiny_vae
 
     from uvit_cli.recipe import load_recipe
     from uvit_cli.train import train
@@ -73,11 +73,7 @@ def assets(tmp_path_factory) -> Assets:
     npz = root / "samples.npz"
     assert _main("sample", run, "--n", 4, "--steps", 2, "--npz", npz, "--device", "cpu") == 0
     vae = save_tiny_vae(root / "vae")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for k in range(3):
-        photo_image(rng, 20, 24).save(images / f"{k}.png")
+    images = photo_folder(root / "images", 3, 20, 24)
     cache = root / "cache"
     assert _main("encode-latents", "folder", "--source", images, "--res", 16, "--vae", vae, "--out", cache,
                  "--num-workers", 0, "--device", "cpu") == 0

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from uvit_cli.data import latents as L
@@ -113,14 +112,10 @@ def test_fid_run_keeps_its_samples_on_ctrl_c_and_resumes_to_the_same_numbers(run
 
 
 def test_encode_keeps_its_shards_on_ctrl_c_and_resumes_to_the_same_bytes(tmp_path):
-    from encode_fixtures import photo_image, save_tiny_vae
+    from encode_fixtures import photo_folder, save_tiny_vae
 
     vae = save_tiny_vae(tmp_path / "vae")
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for k in range(32):
-        photo_image(rng, 256, 256).save(images / f"{k:02d}.png")
+    images = photo_folder(tmp_path / "images", 32, 256, 256)
     common = ["encode-latents", "folder", "--source", images, "--res", 256, "--vae", vae, "--shard-size", 2,
               "--batch-size", 2, "--num-workers", 0, "--device", "cpu"]           # 16 shards
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
