@@ -50,6 +50,15 @@ def save_tiny_clip(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def photo_folder(root: Path, n: int, h: int, w: int, seed: int = 0) -> Path:
+    """A folder of ``n`` photo-like PNGs of h x w (00.png, 01.png, ...), for folder encodes."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for k in range(n):
+        photo_image(rng, h, w).save(root / f"{k:02d}.png")
+    return root
+
+
 def imagenet_tree(root: Path, per_class: int = 5, wnids=("n01440764", "n01443537", "n01484850"),
                   bad: bool = True, seed: int = 0) -> Path:
     """``root/train/<wnid>/*.JPEG`` with assorted sizes; with ``bad``: a CMYK, a gray, an RGBA PNG, a truncated

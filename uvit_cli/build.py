@@ -224,6 +224,17 @@ def load_model(target: str | Path, recipe_path: str | None = None, overrides: li
                weights: str = "ema") -> tuple[UViT, Recipe, Path]:
     """(model in eval mode, recipe, weights path) from a run directory, one of our .safetensors files, or an
     official .pth (which needs ``recipe_path``). ``weights`` picks "ema" or "raw" inside a run directory."""
+    recipe, path = model_recipe(target, recipe_path, overrides, weights)
+    sd, _ = load_weights(path)
+    model = build_model(recipe)
+    load_into(model, sd, source=str(path))
+    return model.eval(), recipe, path
+
+
+def model_recipe(target: str | Path, recipe_path: str | None = None, overrides: list[str] | None = None,
+                 weights: str = "ema") -> tuple[Recipe, Path]:
+    """(recipe, weights path) of what :func:`load_model` would load, without reading the weights: the cheap check
+    a launcher runs before it starts processes."""
     target = Path(target)
     if not target.exists():
         hint = (" (an official checkpoint also needs --recipe)" if target.suffix in CHECKPOINT_SUFFIXES else "")
@@ -247,10 +258,7 @@ def load_model(target: str | Path, recipe_path: str | None = None, overrides: li
                             "describes its model (e.g. --recipe imagenet256_uvit_h2)")
         path = target
         recipe = load_recipe(recipe_path, overrides)
-    sd, _ = load_weights(path)
-    model = build_model(recipe)
-    load_into(model, sd, source=str(path))
-    return model.eval(), recipe, path
+    return recipe, path
 
 
 def parameter_count(recipe: Recipe) -> int:

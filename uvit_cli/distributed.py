@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import shutil
 import subprocess
 import sys
 
@@ -124,15 +123,14 @@ def cleanup() -> None:
 
 def torchrun_command(nproc: int, args: list[str], nnodes: int = 1, node_rank: int = 0,
                      master_addr: str | None = None, master_port: int = 29500) -> list[str]:
-    """The torchrun argv that re-runs ``uvit ARGS`` with ``nproc`` processes on each of ``nnodes`` nodes: one node is
+    """The torchrun argv (through cli/torchrun.py) that re-runs ``uvit ARGS`` with ``nproc`` processes on each of ``nnodes`` nodes: one node is
     ``--standalone``; several use a static rendezvous at ``master_addr:master_port`` with this node's rank."""
     if nnodes < 1 or not 0 <= node_rank < nnodes:
         raise UvitError(f"--node-rank {node_rank} is not a node of --nnodes {nnodes}; node ranks are 0..{nnodes - 1}")
     if nnodes > 1 and not master_addr:
         raise UvitError(f"--nnodes {nnodes} needs --master-addr HOST: the address of node 0, which every node can "
                         "reach (under SLURM: the first host of $SLURM_JOB_NODELIST)")
-    torchrun = shutil.which("torchrun")
-    cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"])
+    cmd = [sys.executable, "-m", "uvit_cli.cli.torchrun"]   # torchrun's arguments, without its failure traceback
     cmd += ["--nproc-per-node", str(nproc), "--nnodes", str(nnodes)]
     if nnodes == 1:
         cmd += ["--standalone"]

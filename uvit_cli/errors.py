@@ -7,6 +7,11 @@ class UvitError(Exception):
 
 class Interrupted(UvitError):
     """Work stopped by Ctrl-C or SIGTERM after keeping what was done; the message says what was kept and the
-    command that continues. The CLI exits with 130, the shell's code for an interrupt."""
+    command that continues (``same_command``: rerunning the same command continues, and the CLI adds it). The CLI
+    exits with 130, the shell's code for an interrupt."""
 
     exit_code = 130
+
+    def __init__(self, message: str, *, same_command: bool = False):
+        super().__init__(message)
+        self.same_command = same_command

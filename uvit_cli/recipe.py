@@ -380,7 +380,10 @@ def read_yaml(path: str | Path) -> dict:
     if raw is not None and not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} is a YAML {type(raw).__name__}, not a mapping of sections "
                           f"({', '.join(SECTIONS)}); see recipes/digits_uvit_tiny.yaml for the layout")
-    return raw or {}
+    if not raw:   # an empty file would silently train the defaults (CIFAR10): never what was meant
+        raise RecipeError(f"recipe {path} is empty; write its sections ({', '.join(SECTIONS)}), e.g. copy "
+                          "recipes/digits_uvit_tiny.yaml")
+    return raw
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -454,8 +457,8 @@ def validate(r: Recipe, source: str | None = None) -> None:
         err("train.lr", f"learning rate must be positive, got {t.lr}")
     if t.batch_size <= 0:
         err("train.batch_size", f"must be positive, got {t.batch_size}")
-    if t.steps < 0:
-        err("train.steps", f"must be >= 0, got {t.steps}")
+    if t.steps < 1:
+        err("train.steps", f"must be >= 1, got {t.steps}")
     if t.grad_accum <= 0:
         err("train.grad_accum", f"must be >= 1, got {t.grad_accum}")
     if t.batch_size % t.grad_accum:

@@ -100,8 +100,8 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested, self.signal_name = True, signal.Signals(signum).name
-        log.warning("%s received: stopping after this step and keeping its checkpoint (press Ctrl-C again to "
-                    "stop at once)", self.signal_name)
+        log.warning("%s received: stopping after the step in hand, keeping what is finished (press Ctrl-C "
+                    "again to stop at once)", self.signal_name)
 
 
 @contextlib.contextmanager
@@ -118,6 +118,13 @@ def graceful_stop():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn``: workers ignore Ctrl-C / SIGTERM, which reach the whole process group, so
+    the main process stops cleanly (graceful_stop) instead of finding its workers dead."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def setup_runtime(device: torch.device | str, *, deterministic: bool = False) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -12,8 +11,9 @@ import typer
 
 from rich.table import Table
 
+from ..files import prepare_output
 from .app import app, console, setup_logging
-from .options import DeviceOption, NprocOption, SetOption, VerboseOption, strip_option
+from .options import DeviceOption, NprocOption, SetOption, VerboseOption, command_args, relaunch
 from .progress import progress_bar
 
 
@@ -70,11 +70,9 @@ def ablate_cmd(
         return
     for name in names:  # a bad overlay fails here, before any progress display or training
         ablation.variant_recipe(suite, name, overrides)
-    if nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
-        args = strip_option(sys.argv[1:], "--nproc-per-node")
-        if "--out" not in args:  # every rank must agree on one directory
-            args += ["--out", str(out)]
-        raise typer.Exit(distributed.launch_torchrun(nproc_per_node, args))
+    prepare_output(out, "--out", directory=True)
+    # every rank must agree on one directory
+    relaunch(nproc_per_node, [] if "--out" in command_args() else ["--out", str(out)])
 
     runtime.setup_runtime(runtime.resolve_device(device))
     main = int(os.environ.get("RANK", "0")) == 0

@@ -114,6 +114,8 @@ def fid_cmd(
     for path, option in ((json_out, "--json"), (samples_out, "--samples-out")):
         if path is not None:   # before any work: an unwritable output must not cost the scoring
             prepare_output(path, option)
+    if nproc_per_node > 1:   # what every rank would refuse, said once by the launcher before any process starts
+        _check_before_launch(samples, device, recipe_path, overrides, value(weights))
     relaunch(nproc_per_node)
     from .. import distributed  # deferred: loads torch (cli/app.py)
 
@@ -125,6 +127,17 @@ def fid_cmd(
              forward_batch, compile_, captions, prompts_file)
     finally:
         distributed.cleanup()
+
+
+def _check_before_launch(samples: Optional[Path], device: str, recipe_path, overrides, weights: str) -> None:
+    """The device, the samples path and a model target's recipe (not its weights)."""
+    from .. import build, runtime  # deferred: loads torch (cli/app.py)
+
+    runtime.resolve_device(device)
+    if samples is not None and not samples.exists():
+        raise UvitError(f"{samples} does not exist")
+    if samples is not None and build.is_model_target(samples):
+        build.model_recipe(samples, recipe_path, overrides, weights)
 
 
 def _fid(samples, ref, metrics, num_samples, batch_size, dev, mode, inception_weights, exact, json_out, recipe_path,

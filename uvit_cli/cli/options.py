@@ -4,14 +4,18 @@ the enums of every choice, derived from the recipe's types (uvit_cli/recipe.py).
 from __future__ import annotations
 
 import enum
+import json
 import os
+import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ..errors import UvitError
+from ..errors import Interrupted, UvitError
+from ..files import write_json
 from ..recipe import Precision, Sampler, Weights, choices
 
 PERF, IO = "Performance", "I/O"
@@ -154,11 +158,53 @@ def relaunch(nproc: int, extra: list[str] | None = None, *, nnodes: int = 1, nod
     args = command_args()
     for name in LAUNCH_OPTIONS:
         args = strip_option(args, name)
-    code = distributed.launch_torchrun(nproc, args + list(extra or []), nnodes, node_rank, master_addr, master_port)
-    if code:
-        raise UvitError(f"a process of the {nproc}-process job failed (torchrun exit status {code}; its error is "
-                        "above); finished work is kept: rerun the same command to continue")
-    raise typer.Exit(0)
+    old = os.environ.get(RANK_ERRORS_ENV)
+    with tempfile.TemporaryDirectory(prefix="uvit-rank-errors-") as errors:
+        os.environ[RANK_ERRORS_ENV] = errors      # the ranks inherit it (cli/__init__.py: main)
+        try:
+            code = distributed.launch_torchrun(nproc, args + list(extra or []), nnodes, node_rank, master_addr,
+                                               master_port)
+        finally:
+            if old is None:
+                os.environ.pop(RANK_ERRORS_ENV, None)
+            else:
+                os.environ[RANK_ERRORS_ENV] = old
+        reports = {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in Path(errors).glob("rank-*.json")}
+        exits = json.loads((Path(errors) / EXITS).read_text()) if (Path(errors) / EXITS).is_file() else {}
+    if not code:
+        raise typer.Exit(0)
+    errors_ = [r for r in sorted(reports) if not reports[r]["interrupted"]]
+    if errors_:                        # a clear error: rank 0's (else the lowest rank's), once
+        raise UvitError(reports[errors_[0]]["message"])
+    died = sorted(int(r) for r, c in exits.items() if int(r) not in reports and c != Interrupted.exit_code)
+    if not died and reports:           # stopped by a signal: what rank 0 kept, and how to continue
+        first = reports[min(reports)]
+        raise Interrupted(first["message"], same_command=first["same_command"])
+    how = ", ".join(f"rank {r}: {_ending(exits[str(r)])}" for r in died) or f"torchrun exit status {code}"
+    raise UvitError(f"a process of the {nproc}-process job failed ({how}; its output is above); finished work is "
+                    "kept: rerun the same command to continue")
+
+
+def _ending(exitcode: int) -> str:
+    """How a process ended, from its exit code (negative: the signal that killed it)."""
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit status {exitcode}"
+
+
+RANK_ERRORS_ENV = "UVIT_RANK_ERRORS"   # the folder where the ranks of a --nproc-per-node job record their errors
+EXITS = "exits.json"                   # ... and where cli/torchrun.py records how each failed rank ended
+
+
+def record_rank_error(folder: str, error: UvitError) -> None:
+    """A rank's UvitError, written for the launcher (its rank in the name), so the user reads it once."""
+    rank = int(os.environ.get("RANK", "0"))
+    write_json(Path(folder) / f"rank-{rank}.json", {"message": str(error),
+                                                    "interrupted": isinstance(error, Interrupted),
+                                                    "same_command": getattr(error, "same_command", False)})
 
 
 def existing_path(path: Optional[Path], option: str) -> Optional[Path]:

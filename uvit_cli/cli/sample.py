@@ -161,7 +161,7 @@ def sample_cmd(
     The same seeds give the same bytes with any number of processes; an interrupted --npz or --out-dir job
     continues when the same command is run again.
     """
-    from .. import distributed, runtime  # deferred: loads torch (cli/app.py)
+    from .. import build, distributed, runtime  # deferred: loads torch (cli/app.py)
 
     setup_logging(verbose)
     grid_path = out or (Path("grid.png") if out_dir is None and npz is None else None)
@@ -175,8 +175,12 @@ def sample_cmd(
     if nproc_per_node > len(seeds):
         raise UvitError(f"--nproc-per-node {nproc_per_node} is more than the {len(seeds)} seeds: every process "
                         f"needs samples to draw; use at most {len(seeds)} processes")
-    relaunch(nproc_per_node)
     prompt_list = read_prompts(prompts, prompts_file)
+    if nproc_per_node > 1:   # what every rank would refuse, said once by the launcher before any process starts
+        runtime.resolve_device(device)
+        build.model_recipe(target, recipe_path, [*(overrides or []), *sampling_overrides(sampler, steps, cfg_scale)],
+                           value(weights))
+    relaunch(nproc_per_node)
     dev = distributed.init(device)
     try:
         if distributed.world_size() > len(seeds):

@@ -46,7 +46,8 @@ def train_cmd(
       torchrun --nproc-per-node 8 -m uvit_cli train imagenet256_uvit_h2   (or: uvit train ... --nproc-per-node 8)
       uvit train imagenet256_uvit_h2 --run-dir runs/h2 --nproc-per-node 8 --nnodes 2 --node-rank 0 --master-addr node0
     """
-    from .. import checkpoint, distributed, runtime, train  # deferred: loads torch (cli/app.py)
+    from .. import build, distributed, runtime, train  # deferred: loads torch (cli/app.py)
+    from ..checkpoint import list_states  # deferred: loads torch (cli/app.py)
 
     setup_logging(verbose)
     recipe = load_recipe(recipe_path, overrides)
@@ -58,26 +59,21 @@ def train_cmd(
                                 "that all nodes write one run")
             extra = ["--run-dir", str(new_run_dir(runs_root, recipe) if not resume else
                                       (latest_run(runs_root, recipe.name) or new_run_dir(runs_root, recipe)))]
+        if not dry_run:   # what every rank would refuse, said once by the launcher before any process starts
+            runtime.resolve_device(device)
+            _resume_rules(recipe, run_dir or Path(extra[1]), resume)
+            train.check_data_fits_model(recipe, build.build_source(recipe))
         relaunch(nproc_per_node, extra, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
                  master_port=master_port)
 
     # Pick the run directory and decide whether this is a resume.
     if run_dir is None:
         run_dir = (latest_run(runs_root, recipe.name) if resume else None) or new_run_dir(runs_root, recipe)
-    has_states = bool(checkpoint.list_states(run_dir))
-    if resume is None:
-        resume = has_states
-    if has_states and not resume:
-        raise UvitError(f"{run_dir} already holds checkpoints; pass --resume to continue it, or pick a new "
-                        "--run-dir")
-    if resume and (run_dir / RUN_RECIPE).exists():
-        check_resume_compatible(load_recipe(run_dir / RUN_RECIPE), recipe, run_dir)
-
-    if not dry_run:
-        prepare_output(run_dir, "--run-dir", directory=True)
     if dry_run:
-        _dry_run(recipe, run_dir, resume and has_states)
+        resuming = _resume_rules(recipe, run_dir, resume, check_output=False) and bool(list_states(run_dir))
+        _dry_run(recipe, run_dir, resuming)
         return
+    resume = _resume_rules(recipe, run_dir, resume)
 
     runtime.setup_runtime(runtime.resolve_device(device))
     main = int(os.environ.get("RANK", "0")) == 0
@@ -95,6 +91,24 @@ def train_cmd(
             distributed.cleanup()
     if main:
         console.print(f"run directory: [bold]{run_dir}[/] (EMA weights: {run_dir}/ema.safetensors)")
+
+
+def _resume_rules(recipe, run_dir: Path, resume: Optional[bool], check_output: bool = True) -> bool:
+    """Whether this run resumes (default: when ``run_dir`` holds checkpoints); refuses checkpoints without
+    --resume, a resume that changes what was trained, and a run directory that cannot be written."""
+    from ..checkpoint import list_states  # deferred: loads torch (cli/app.py)
+
+    has_states = bool(list_states(run_dir))
+    if resume is None:
+        resume = has_states
+    if has_states and not resume:
+        raise UvitError(f"{run_dir} already holds checkpoints; pass --resume to continue it, or pick a new "
+                        "--run-dir")
+    if resume and (run_dir / RUN_RECIPE).exists():
+        check_resume_compatible(load_recipe(run_dir / RUN_RECIPE), recipe, run_dir)
+    if check_output:
+        prepare_output(run_dir, "--run-dir", directory=True)
+    return resume
 
 
 def _dry_run(recipe, run_dir: Path, resuming: bool) -> None:

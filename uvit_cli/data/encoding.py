@@ -8,17 +8,19 @@ the manifest is built from the shards' completion marks once all exist.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from ..errors import UvitError
+from ..errors import Interrupted, UvitError
 from ..files import read_json, sha256_file, write_json, write_safetensors
-from ..runtime import autocast
+from ..runtime import autocast, graceful_stop, ignore_stop_signals
 from . import latents as L
 from .sources import CroppedImages, collate
 
@@ -94,12 +96,23 @@ def finalize(out: str | Path) -> dict | None:
         null = {"file": L.NULL_CONTEXT, "sha256": sha256_file(p), "prompt": ""}
     manifest = L.build_manifest(out, config, marks, null)
     if manifest["count"] == 0:   # no manifest: an empty cache must never look complete
+        _discard(out)             # nor be resumed: its shards only say "skipped", so a rerun must re-read the images
         shown = "; ".join(f"{s['key']}: {s['reason']}" for s in manifest["skipped"][:3])
         raise UvitError(f"no image of {config['source']} could be encoded ({manifest['num_skipped']} skipped: "
                         f"{shown}{' ...' if manifest['num_skipped'] > 3 else ''}); fix or replace the images, then "
                         "rerun the same command")
     write_json(out / L.MANIFEST, manifest)
     return manifest
+
+
+def _discard(out: Path) -> None:
+    """Remove what the encode job wrote in ``out`` (config, shards, null context), and ``out`` itself if that
+    leaves it empty."""
+    shutil.rmtree(out / L.SHARD_DIR, ignore_errors=True)
+    for name in (L.CONFIG, L.NULL_CONTEXT):
+        (out / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        out.rmdir()
 
 
 class _Shard:
@@ -182,14 +195,15 @@ def _run(source, out, vae, text, config, mine, batches, total, dataset, num_work
     device = vae.optimize_for_encoding().device
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None)
+        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
+        worker_init_fn=ignore_stop_signals)
     C, h = config["latent_channels"], config["latent_size"]
     shape, flips, S = (2 * C, h, h), config["flips"], config["shard_size"]
     queue = iter(mine)
     shard = None
     done_items = 0
     pending = []
-    with ThreadPoolExecutor(max_workers=1) as writer:
+    with ThreadPoolExecutor(max_workers=1) as writer, graceful_stop() as stop:
         def flush(sh):
             mark = {"index": sh.s, "first": sh.first, "stop": sh.stop, "count": len(sh.labels),
                     "captions": sum(sh.ncap), "skipped": sh.skipped, "converted": sh.converted,
@@ -240,6 +254,12 @@ def _run(source, out, vae, text, config, mine, batches, total, dataset, num_work
             if shard.seen == shard.stop - shard.first:
                 flush(shard)
                 shard = None
+                if stop.requested and done_items < total:   # Ctrl-C / SIGTERM: keep the finished shards, stop
+                    for f in pending:
+                        f.result()
+                    kept = len(L.completed_shards(out, config["num_shards"]))
+                    raise Interrupted(f"encoding stopped by {stop.signal_name}: kept {kept} of "
+                                      f"{config['num_shards']} shards in {out}", same_command=True)
             if progress:
                 progress(done_items, total)
         for f in pending:

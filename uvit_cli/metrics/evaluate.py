@@ -61,6 +61,10 @@ def parse_metrics(metrics: str | Iterable[str] | None, mode: str) -> tuple[str, 
         names = [str(m).strip().lower() for m in metrics]
     if "all" in names:
         names = list(INCEPTION_METRICS)
+    bad = [n for n in names if n not in INCEPTION_METRICS + DIGITS_METRICS]
+    if bad:
+        raise UvitError(f"--metrics: unknown metric {', '.join(bad)}; choose from "
+                        f"{', '.join(INCEPTION_METRICS + DIGITS_METRICS)} (or all)")
     if mode == "digits":  # the digits counterpart of FID is fd_digits plus, for labelled samples, acc_digits
         out = []
         for n in names:
@@ -68,7 +72,8 @@ def parse_metrics(metrics: str | Iterable[str] | None, mode: str) -> tuple[str, 
         return tuple(dict.fromkeys(out)) or DIGITS_METRICS
     bad = [n for n in names if n not in INCEPTION_METRICS]
     if bad:
-        raise UvitError(f"unknown metric {', '.join(bad)}; choose from {', '.join(INCEPTION_METRICS)} (or all)")
+        raise UvitError(f"--metrics: {', '.join(bad)} apply to the digits mode only; choose from "
+                        f"{', '.join(INCEPTION_METRICS)} (or all)")
     return tuple(dict.fromkeys(names))
 
 

@@ -18,8 +18,9 @@ from typing import Callable, Optional
 import numpy as np
 
 from .. import distributed
-from ..errors import UvitError
+from ..errors import Interrupted, UvitError
 from ..files import atomic_path
+from ..runtime import graceful_stop
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,13 @@ def make_parts(parts: Parts, make: Callable[[int, int], dict], *, all_ranks: boo
     tracker = tracker or Tracker()
     tracker.start(parts)
     try:
-        for s in mine:
-            parts.write(s, make(s, s + parts.count(s)))
+        with graceful_stop() as stop:   # Ctrl-C / SIGTERM: finish the part in hand, keep it, stop
+            for s in mine:
+                parts.write(s, make(s, s + parts.count(s)))
+                if stop.requested and s != mine[-1]:
+                    raise Interrupted(f"{what} stopped by {stop.signal_name}: kept {parts.done()} of {parts.n} "
+                                      f"in {parts.root} (whole parts of {parts.size}, written atomically)",
+                                      same_command=True)
         if all_ranks:
             distributed.barrier(what)
     finally:
