@@ -33,7 +33,7 @@ from .outputs import save_grid
 from .recipe import Recipe, dump_recipe
 from .run import (AMENDMENTS, METRICS, RUN_EMA, RUN_RAW, RUN_RECIPE, RUN_TEXT_ENCODER, SAMPLES, amend_recipe,
                   read_metrics)
-from .runtime import autocast, check_precision, graceful_stop
+from .runtime import autocast, check_precision, graceful_stop, ignore_stop_signals
 from .text import BUILTIN_PREFIX, builtin_tower_dir
 from .tracking import Trackers, check_trackers
 
@@ -206,7 +206,8 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
         batches = StreamBatches(t.batch_size, world, rank, t.grad_accum, start, t.steps)
         loader = DataLoader(stream, batch_sampler=batches,
                             num_workers=recipe.data.num_workers if recipe.data.name != "digits" else 0,
-                            pin_memory=dev.type == "cuda", persistent_workers=False)
+                            pin_memory=dev.type == "cuda", persistent_workers=False,
+                            worker_init_fn=ignore_stop_signals)   # Ctrl-C stops the main process cleanly
         net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None) if world > 1 else model
         if t.compile:
             net = torch.compile(net)
