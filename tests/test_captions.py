@@ -59,6 +59,12 @@ def test_the_builtin_tower_is_made_from_its_seed(tmp_path, monkeypatch, encoder)
     assert (tokens[0, 4:] == eot).all() and (tokens[0, 1:4] != eot).all()    # 3 words, then end-of-text padding
     with pytest.raises(UvitError, match="built-in"):
         builtin_tower_dir("nope")
+    # the word, not the random layers, dominates its position: the digit is what tells two captions apart
+    c = encoder.encode(["a handwritten seven", "a handwritten three", "the digit 7", "the digit 3"])
+    same_word = torch.nn.functional.cosine_similarity(c[0, 2], c[1, 2], dim=-1)     # "handwritten" in both
+    digit = torch.nn.functional.cosine_similarity(c[0, 3], c[1, 3], dim=-1)         # "seven" against "three"
+    numeral = torch.nn.functional.cosine_similarity(c[2, 3], c[3, 3], dim=-1)       # "7" against "3"
+    assert same_word > 0.99 and digit < 0.5 and numeral < 0.5, (same_word, digit, numeral)
 
 
 def test_the_caption_cache_holds_each_caption_s_features(encoder, tmp_path):
@@ -83,6 +89,8 @@ def test_a_text_run_trains_keeps_its_tower_and_samples_prompts(tmp_path, uvit):
     res = uvit("train", "digits_t2i_uvit_tiny", *sum((["--set", s] for s in sets), []), "--run-dir", run)
     assert res.returncode == 0, res.output
     assert (run / "text_encoder" / "open_clip_model.safetensors").is_file()
+    res = uvit("info", run)
+    assert res.returncode == 0 and "NOT CLIP" in res.output and "builtin:digits-clip" in res.output, res.output
     assert list((run / "samples").glob("*.png"))
     prompts = tmp_path / "p.txt"
     prompts.write_text("a handwritten seven\n\nthe digit 3\n")

@@ -11,6 +11,7 @@ from rich.table import Table
 from ..errors import UvitError
 from ..files import prepare_output
 from ..recipe import dump_recipe, load_recipe, shipped_recipes
+from ..registry import DEFAULT_TEXT_ENCODER
 from .app import app, console, setup_logging
 from .options import SetOption
 
@@ -72,6 +73,11 @@ def info_cmd(
     table.add_row("guidance w", f"{recipe.sample.cfg_scale} (official scale {recipe.sample.cfg_scale - 1:g})"
                   + ("" if tuple(recipe.sample.guidance_interval) == (0.0, 1.0)
                      else f", only for t in {list(recipe.sample.guidance_interval)}"))
+    if recipe.conditioning == "text":
+        enc = recipe.data.text_encoder or DEFAULT_TEXT_ENCODER
+        table.add_row("text encoder", enc + (" (NOT CLIP: a small CLIP-architecture tower with seeded random weights, "
+                                              "so the job runs where CLIP cannot be fetched; the run keeps a copy)"
+                                              if enc.startswith("builtin:") else ""))
     if ckpt is not None:
         table.add_row("checkpoint", str(ckpt))
     console.print(table)
