@@ -155,7 +155,7 @@ def test_every_list_of_choices_agrees_with_the_recipe():
     for kind in VAES:  # every encode-latents kind is a source kind
         with pytest.raises(UvitError, match="does not exist|missing"):
             open_source(kind, "/nonexistent/path")
-    from uvit_cli.diffusion import LOSS_WEIGHTINGS, PREDICTIONS, TIME_SAMPLINGS
+    from uvit_cli.objective import LOSS_WEIGHTINGS, PREDICTIONS, TIME_SAMPLINGS
 
     assert ("auto", *PREDICTIONS) == choices(Prediction)
     assert TIME_SAMPLINGS == choices(TimeSampling) and LOSS_WEIGHTINGS == choices(LossWeighting)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from uvit_cli.build import build_schedule
-from uvit_cli.diffusion import DiscreteSchedule, FlowSchedule, Objective, VPSchedule
+from uvit_cli.diffusion import DiscreteSchedule, FlowSchedule, VPSchedule
+from uvit_cli.objective import Objective
 from uvit_cli.recipe import load_recipe
 
 

@@ -18,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from uvit_cli.diffusion import DiscreteSchedule, FlowSchedule, Objective, VPSchedule
+from uvit_cli.diffusion import DiscreteSchedule, FlowSchedule, VPSchedule
+from uvit_cli.objective import Objective
 from uvit_cli.sampling import (SAMPLERS, dpm_solver, dpm_solver_pp, fast_orders, planned_nfe, singlestep_plan,
                                time_grid)
 

@@ -21,7 +21,8 @@ from .data.latents import check_latents_against_recipe, open_latents
 from .data.pixels import DigitsSource, PixelSource
 from .data.sources import open_folder
 from .data.stream import TrainStream
-from .diffusion import DiscreteSchedule, FlowSchedule, NoiseSchedule, Objective, VPSchedule
+from .diffusion import DiscreteSchedule, FlowSchedule, NoiseSchedule, VPSchedule
+from .objective import Objective
 from .errors import UvitError
 from .model import UViT
 from .recipe import ModelConfig, Recipe, apply_overrides, load_recipe, recipe_from_dict

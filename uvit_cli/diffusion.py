@@ -14,7 +14,7 @@ to the network (``net_time``) and how training draws it, so no other module need
   sigma_t = t, not variance-preserving; training draws t ~ U[0, 1) (or logit-normal); the network sees 999 t, the
   VP-SDE's scale, which the U-ViT's sinusoidal time embedding was built for.
 
-What the network predicts is a *target* (``PREDICTIONS``, the one place that defines each): eps, v = alpha eps -
+What the network predicts is a *target* (``objective.PREDICTIONS``, the one place that defines each): eps, v = alpha eps -
 sigma x0 (Salimans & Ho 2022), x0, or the flow velocity eps - x0. A target defines the training target, the
 conversion of a network output to the eps and x0 that samplers integrate, and its min-SNR weight (Hang et al. 2023).
 Conversions go straight from the network's own target, never through another one: the flow's x0 = x - t v is exact
@@ -26,10 +26,10 @@ inverse, the target conversions, ``pf_ode_drift`` and ``reverse_sde``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
+from .objective import PREDICTIONS, EpsTarget, Objective, VelocityTarget
 from .runtime import to_device
 
 Number = float | torch.Tensor
@@ -44,138 +44,6 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     coefficient computed on the CPU reaches the device as x's dtype)."""
     v = to_device(v, x.device, x.dtype)
     return v.reshape(-1, *([1] * (x.dim() - 1))) if v.dim() else v
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Prediction targets: what the network outputs, in one place (training target, conversions, min-SNR weight)
-# ---------------------------------------------------------------------------------------------------------------------
-# a, s are alpha_t and sigma_t: python floats (a sampler's step) or tensors shaped to x (a training batch).
-
-class Target:
-    """A prediction target: ``target(x0, noise, a, s)`` trains it; ``eps`` / ``x0`` convert an output ``out`` at
-    x_t = x back; ``min_snr_weight`` is min(SNR, gamma) in x0 units, i.e. times (d x0 / d out)^2."""
-
-    name = ""
-
-    def target(self, x0, noise, a, s):
-        raise NotImplementedError
-
-    def eps(self, out, x, a, s):
-        raise NotImplementedError
-
-    def x0(self, out, x, a, s):
-        raise NotImplementedError
-
-    def min_snr_weight(self, snr: torch.Tensor, s: torch.Tensor, gamma: float) -> torch.Tensor:
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"Target({self.name})"
-
-
-class EpsTarget(Target):
-    """The noise (the paper and every official run): x0 = (x - sigma eps) / alpha."""
-
-    name = "eps"
-
-    def target(self, x0, noise, a, s):
-        return noise
-
-    def eps(self, out, x, a, s):
-        return out
-
-    def x0(self, out, x, a, s):
-        return (x - s * out) / a
-
-    def min_snr_weight(self, snr, s, gamma):
-        return torch.clamp(gamma / snr, max=1.0)  # min(SNR, gamma) / SNR, finite at SNR = 0
-
-
-class X0Target(Target):
-    """The clean data: eps = (x - alpha x0) / sigma."""
-
-    name = "x0"
-
-    def target(self, x0, noise, a, s):
-        return x0
-
-    def eps(self, out, x, a, s):
-        return (x - a * out) / s
-
-    def x0(self, out, x, a, s):
-        return out
-
-    def min_snr_weight(self, snr, s, gamma):
-        return torch.clamp(snr, max=gamma)
-
-
-class VTarget(Target):
-    """v = alpha eps - sigma x0 (Salimans & Ho 2022), for variance-preserving paths (alpha^2 + sigma^2 = 1)."""
-
-    name = "v"
-
-    def target(self, x0, noise, a, s):
-        return a * noise - s * x0
-
-    def eps(self, out, x, a, s):
-        return s * x + a * out
-
-    def x0(self, out, x, a, s):
-        return a * x - s * out
-
-    def min_snr_weight(self, snr, s, gamma):
-        return torch.clamp(snr, max=gamma) / (snr + 1.0)
-
-
-class VelocityTarget(Target):
-    """The flow velocity d x_t / dt = eps - x0 of the linear path (alpha = 1 - t, sigma = t): x0 = x - t v."""
-
-    name = "velocity"
-
-    def target(self, x0, noise, a, s):
-        return noise - x0
-
-    def eps(self, out, x, a, s):
-        return x + a * out
-
-    def x0(self, out, x, a, s):
-        return x - s * out
-
-    def min_snr_weight(self, snr, s, gamma):
-        return torch.clamp(snr, max=gamma) * s ** 2  # x0 error = t x velocity error
-
-
-# name (recipe.Prediction without "auto") -> target
-PREDICTIONS: dict[str, Target] = {t.name: t for t in (EpsTarget(), VTarget(), X0Target(), VelocityTarget())}
-TIME_SAMPLINGS = ("uniform", "logit_normal")    # recipe.TimeSampling
-LOSS_WEIGHTINGS = ("none", "min_snr")            # recipe.LossWeighting
-
-
-@dataclass(frozen=True)
-class Objective:
-    """What training optimises on a path: the target, how the time is drawn, how samples are weighted."""
-
-    prediction: str = "eps"             # a key of PREDICTIONS
-    time_sampling: str = "uniform"      # uniform: t = u; logit_normal: t = sigmoid(mean + std Phi^-1(u)) (SD3)
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    loss_weighting: str = "none"        # none, or min_snr (Hang et al. 2023)
-    min_snr_gamma: float = 5.0
-
-    def __post_init__(self):
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"unknown prediction {self.prediction!r}; use one of {', '.join(PREDICTIONS)}")
-        if self.time_sampling not in TIME_SAMPLINGS:
-            raise ValueError(f"unknown time sampling {self.time_sampling!r}; use one of {', '.join(TIME_SAMPLINGS)}")
-        if self.loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"unknown loss weighting {self.loss_weighting!r}; use {', '.join(LOSS_WEIGHTINGS)}")
-
-    def draw(self, u: torch.Tensor) -> torch.Tensor:
-        """The training time's draw in [0, 1] from the stream's uniform u (u itself when uniform)."""
-        if self.time_sampling == "uniform":
-            return u
-        z = torch.special.ndtri(u.double())  # u = 0 gives -inf, i.e. t = 0
-        return torch.sigmoid(self.logit_mean + self.logit_std * z)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
