@@ -90,6 +90,10 @@ def test_size_fills_fields_and_explicit_fields_win():
     ({"train": {"time_sampling": "logit"}}, r"did you mean 'logit_normal'"),
     ({"train": {"logit_std": 0}}, r"train\.logit_std: must be positive"),
     ({"train": {"loss_weighting": "min-snr"}}, r"did you mean 'min_snr'"),
+    ({"train": {"lr_decay": "cos"}}, r"did you mean 'cosine'"),
+    ({"train": {"lr_final": 2.0}}, r"train\.lr_final: is a fraction of train\.lr and must be in \[0, 1\]"),
+    ({"train": {"lr_decay": "cosine", "steps": 100, "warmup_steps": 100}},
+     r"train\.lr_decay: decays after the warm-up.*shorten the warm-up or set lr_decay: none"),
 ])
 def test_mistakes_name_the_key_and_the_fix(raw, pattern):
     with pytest.raises(RecipeError, match=pattern):

@@ -8,6 +8,7 @@ of our ``.safetensors`` files or an official ``.pth`` into a model and its recip
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
@@ -112,9 +113,18 @@ def build_stream(recipe: Recipe, source) -> TrainStream:
                        num_captions=getattr(source, "num_captions", 0) if recipe.model.text_dim > 0 else 0)
 
 
-def warmup_lambda(warmup_steps: int):
-    """Official 'customized' schedule: lr factor min(step / warmup, 1); constant after the warm-up."""
-    return lambda step: min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
+def lr_lambda(warmup_steps: int, decay: str = "none", total_steps: int = 0, final: float = 0.0):
+    """The LR factor per step: the official linear warm-up min(step / warmup, 1), then constant (the official
+    'customized' schedule) or a cosine / linear decay from 1 to ``final`` at ``total_steps``."""
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return step / warmup_steps
+        if decay == "none":
+            return 1.0
+        u = min(max(step - warmup_steps, 0) / max(total_steps - warmup_steps, 1), 1.0)
+        shape = 0.5 * (1 + math.cos(math.pi * u)) if decay == "cosine" else 1 - u
+        return final + (1 - final) * shape
+    return factor
 
 
 def build_optimizer(recipe: Recipe, model: torch.nn.Module, device: torch.device):
@@ -128,7 +138,8 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module, device: torch.device
         opt = torch.optim.AdamW(model.parameters(), fused=True, **kw)
     except RuntimeError:
         opt = torch.optim.AdamW(model.parameters(), **kw)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(tr.warmup_steps))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tr.warmup_steps, tr.lr_decay, tr.steps,
+                                                                      tr.lr_final))
     scaler = torch.amp.GradScaler(t.type, enabled=tr.precision == "fp16")
     return opt, lr_schedule, scaler
 

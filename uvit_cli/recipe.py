@@ -39,6 +39,7 @@ Formulation = Literal["vp", "discrete", "flow"]             # build.build_schedu
 Prediction = Literal["auto", "eps", "v", "x0", "velocity"]  # objective.PREDICTIONS (+ auto)
 TimeSampling = Literal["uniform", "logit_normal"]           # objective.TIME_SAMPLINGS
 LossWeighting = Literal["none", "min_snr"]                  # objective.LOSS_WEIGHTINGS
+LrDecay = Literal["none", "cosine", "linear"]               # build.lr_lambda
 EvalMode = Literal["pytorch_fid", "clean", "legacy_tensorflow", "digits"]  # metrics/features.MODES (+ digits)
 Metric = Literal["fid", "sfid", "is", "precision", "recall", "kid", "fd_digits", "acc_digits"]  # metrics/evaluate
 Weights = Literal["ema", "raw"]                             # which weights of a run directory
@@ -138,7 +139,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.99, 0.999)  # AdamW betas
     weight_decay: float = 0.03          # AdamW weight decay (official configs; the paper text says 0.3)
     adam_eps: float = 1e-8              # AdamW epsilon
-    warmup_steps: int = 5000            # linear warm-up, then constant
+    warmup_steps: int = 5000            # linear warm-up, then constant (or lr_decay)
+    lr_decay: LrDecay = "none"          # after the warm-up: none (official, constant), or cosine / linear to lr * lr_final at train.steps (short runs)
+    lr_final: float = 0.0               # lr_decay: the last step's learning rate as a fraction of train.lr
     ema_rate: float = 0.9999            # EMA of weights, updated every step; sampling and FID use the EMA
     ema_warmup: bool = False            # rate min(ema_rate, (1+step)/(10+step)) so short runs' EMA forgets the init (off officially)
     p_uncond: float = 0.0               # probability of replacing the condition by the null one (guidance training)
@@ -476,6 +479,11 @@ def validate(r: Recipe, source: str | None = None) -> None:
         err("train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     if t.warmup_steps < 0:
         err("train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    if not 0 <= t.lr_final <= 1:
+        err("train.lr_final", f"is a fraction of train.lr and must be in [0, 1], got {t.lr_final}")
+    if t.lr_decay != "none" and t.warmup_steps >= t.steps:
+        err("train.lr_decay", f"decays after the warm-up, but train.warmup_steps ({t.warmup_steps}) is not below "
+                              f"train.steps ({t.steps}); shorten the warm-up or set lr_decay: none")
     for key in ("log_every", "save_every", "keep_last"):
         if getattr(t, key) < 1:
             err(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
