@@ -152,3 +152,27 @@ def test_forward_flops_match_an_analytic_count():
                 + 2 * L * D * P * P * C        # decoder on the patch tokens
                 + 2 * img * img * C * C * 9)   # final 3x3 conv
     assert forward_flops(model, batch=B) == B * expected
+
+
+@pytest.mark.parametrize("conv", ["after", "before"])
+def test_identity_conv_init_starts_as_a_no_op_and_default_keeps_the_official_init(conv):
+    """model.conv_init: identity makes the extra 3x3 conv pass its input through unchanged at step 0 (the network
+    equals the one without the conv, weights shared); default leaves PyTorch's random init (official), which does
+    not. The other parameters draw the same values either way."""
+    kw = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=32, num_layers=3, num_heads=2, num_classes=10)
+    torch.manual_seed(0)
+    ident = UViT(**kw, conv=conv, conv_init="identity").eval()
+    torch.manual_seed(0)
+    default = UViT(**kw, conv=conv).eval()
+    plain = UViT(**kw, conv="none").eval()
+    conv_keys = {"final_layer.weight", "final_layer.bias", "token_conv.weight", "token_conv.bias"}
+    plain.load_state_dict({k: v for k, v in ident.state_dict().items() if k not in conv_keys})
+    for k, v in default.state_dict().items():
+        if k not in conv_keys:
+            torch.testing.assert_close(ident.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), torch.randint(0, 10, (4,))
+    with torch.no_grad():
+        torch.testing.assert_close(ident(x, t, y), plain(x, t, y), rtol=1e-5, atol=1e-6)
+        assert (default(x, t, y) - plain(x, t, y)).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="conv_init"):
+        UViT(**kw, conv_init="dirac")

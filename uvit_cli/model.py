@@ -167,7 +167,8 @@ class UViT(nn.Module):
                  num_layers: int = 13, num_heads: int = 8, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  mlp_time_embed: bool = False, num_classes: int = 0, null_class: bool = False, text_dim: int = 0,
                  text_tokens: int = 77, skip: str = "concat_linear", time_cond: str = "token", conv: str = "after",
-                 patch_embed: str = "linear", pos_embed: str = "learned", grad_checkpoint: bool = False):
+                 patch_embed: str = "linear", pos_embed: str = "learned", conv_init: str = "default",
+                 grad_checkpoint: bool = False):
         super().__init__()
         if num_layers % 2 == 0:
             raise ValueError(f"num_layers must be odd (in + mid + out blocks), got {num_layers}")
@@ -212,9 +213,9 @@ class UViT(nn.Module):
         self.decoder_pred = nn.Linear(embed_dim, patch_size ** 2 * in_chans)
         if conv == "after":
             self.final_layer = nn.Conv2d(in_chans, in_chans, 3, padding=1)
-        self.initialize_weights()
+        self.initialize_weights(conv_init)
 
-    def initialize_weights(self):
+    def initialize_weights(self, conv_init: str = "default"):
         # Linear weights: truncated normal, std 0.02; biases 0 (official _init_weights).
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -228,6 +229,15 @@ class UViT(nn.Module):
         # Learned position table: truncated normal, std 0.02.
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        # The extra conv as a no-op: PyTorch's default init of a 1- or 4-channel 3x3 conv is a random filter (weights
+        # up to +-1/3 for one channel) that the decoder must first learn to undo; on the digits that stalls the loss
+        # for the first ~200 steps.
+        conv = getattr(self, "final_layer", None) or self.token_conv
+        if conv_init == "identity" and conv is not None:
+            nn.init.dirac_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        elif conv_init not in ("default", "identity"):
+            raise ValueError(f"conv_init must be 'default' or 'identity', got {conv_init!r}")
 
     @property
     def null_class_id(self) -> int | None:

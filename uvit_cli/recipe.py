@@ -101,6 +101,7 @@ class ModelConfig:
     skip: SkipMode = "concat_linear"    # long-skip fusion: Linear(concat(h_m, h_s)) (paper), add, ..., none
     time_cond: Literal["token", "adaln"] = "token"      # time as a token (paper) or through AdaLN in every block
     conv: Literal["after", "before", "none"] = "after"  # extra 3x3 conv: on the image after the patch decoder, on the token grid before it, or none
+    conv_init: Literal["default", "identity"] = "default"  # that conv's init: PyTorch's random one (official) or identity (Dirac kernel, zero bias: starts as a no-op)
     patch_embed: Literal["linear", "conv"] = "linear"   # linear patch embedding (paper) or a 3x3-conv stack + 1x1 conv
     pos_embed: Literal["learned", "sincos2d", "none"] = "learned"  # learned 1D table (paper), fixed 2D sin-cos, or none
     grad_checkpoint: bool = False       # recompute block activations in backward to save memory
