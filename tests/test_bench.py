@@ -41,7 +41,8 @@ def test_bench_cli_runs_peak_train_scaling_and_writes_consistent_json(tmp_path):
                                                                           sorted(r["runs"])[1] / 2)
         assert r["img_per_s"] == pytest.approx(4 / r["sec_per_step"])
         assert r["mfu"] == pytest.approx(r["tflops"] / peaks[r["precision"]])
-        assert 0 < r["mfu"] < 2
+        assert r["mfu"] > 0   # no upper bound: the peak is measured, and a busy machine (the other xdist
+        # worker) can measure it low enough that a batch-4 step beats it (MFU 2.67 seen in a CI run)
 
     scaling = data["scaling"]
     assert [(r["axis"], r["batch"]) for r in scaling] == [("batch", 2), ("batch", 4), ("patch_size", 4),
