@@ -117,6 +117,38 @@ def test_a_text_run_trains_keeps_its_tower_and_samples_prompts(tmp_path, uvit):
     assert "held-out" in result["protocol"]["caption_source"], result["protocol"]
 
 
+def test_a_text_run_made_with_an_older_tower_is_resumed_sampled_and_scored_with_its_copy(tmp_path, uvit,
+                                                                                        monkeypatch):
+    """A run keeps the built-in tower it trained with: after the project's tower changes (here a 12-token tower
+    becomes today's), resuming, sampling and `uvit fid RUN` all read the run's copy; the code's own tower no
+    longer fits the model and is refused with a message naming the mismatch."""
+    from uvit_cli import text
+
+    seed, std, cfg = text.BUILTIN_TOWERS["digits-clip"]
+    old = {**cfg, "text_cfg": {**cfg["text_cfg"], "context_length": 12}}
+    monkeypatch.setitem(text.BUILTIN_TOWERS, "digits-clip", (seed, std, old))
+    run = tmp_path / "run"
+    sets = ["model.num_layers=3", "model.embed_dim=32", "model.num_heads=2", "model.text_tokens=12",
+            "train.steps=2", "train.batch_size=8", "train.save_every=2", "train.sample_every=0", "sample.steps=2"]
+    sets = sum((["--set", s] for s in sets), [])
+    assert uvit("train", "digits_t2i_uvit_tiny", *sets, "--run-dir", run).returncode == 0
+    monkeypatch.setitem(text.BUILTIN_TOWERS, "digits-clip", (seed, std, cfg))     # the tower changes
+    assert load_text_encoder("builtin:digits-clip").context_length == 16
+
+    res = uvit("train", run / "recipe.yaml", "--set", "train.steps=4", "--run-dir", run)       # resume
+    assert res.returncode == 0, res.output
+    assert (run / "checkpoints" / "step-00000004.pt").is_file()
+    res = uvit("sample", run, "--prompt", "a handwritten seven", "--n", "2", "--out", tmp_path / "g.png")
+    assert res.returncode == 0, res.output
+    res = uvit("fid", run, "-n", "8", "--json", tmp_path / "fid.json")
+    assert res.returncode == 0, res.output
+    assert "acc_digits" in read_json(tmp_path / "fid.json")["metrics"]
+    # naming today's tower explicitly is refused: it gives 16 tokens, the model reads 12
+    res = uvit("sample", run, "--prompt", "a seven", "--text-encoder", "builtin:digits-clip", "--out",
+               tmp_path / "h.png")
+    assert res.returncode != 0 and "16 x 64" in res.output and "12 x 64" in res.output, res.output
+
+
 def test_the_fid_protocol_draws_held_out_captions_with_the_class_they_name(encoder, tmp_path):
     digits = CaptionedDigits(build_caption_cache(encoder, tmp_path / "cache"), "val")
     cond = cache_conditions(digits, 30, seed=5)

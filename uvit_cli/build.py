@@ -81,12 +81,13 @@ def resolved_crop(recipe: Recipe) -> str:
     return DEFAULT_CROP.get(d.name, "none") if d.crop == "auto" else d.crop
 
 
-def build_source(recipe: Recipe):
-    """The training data source of a recipe (interface: data/pixels.py)."""
+def build_source(recipe: Recipe, run_dir: str | Path | None = None):
+    """The training data source of a recipe (interface: data/pixels.py); a resumed text run on the captioned digits
+    reads its captions with the copy ``run_dir`` keeps of the built-in tower it started with."""
     d, m = recipe.data, recipe.model
     if d.name == "digits":
         if m.text_dim > 0:  # the captioned digits, encoded once by the recipe's text encoder
-            return open_captioned_digits(build_text_encoder(recipe, "cpu"), d.split)
+            return open_captioned_digits(build_text_encoder(recipe, "cpu", run_dir=run_dir), d.split)
         return DigitsSource()
     if d.name == "latents":
         if not d.latents:

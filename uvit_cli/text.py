@@ -139,7 +139,8 @@ def builtin_tower_dir(name: str) -> Path:
         raise UvitError(f"unknown built-in text encoder {BUILTIN_PREFIX}{name}; built-in: "
                         f"{', '.join(BUILTIN_PREFIX + n for n in BUILTIN_TOWERS)}")
     seed, token_std, cfg = BUILTIN_TOWERS[name]
-    d = cache_dir() / "text_encoders" / f"{name}-seed{seed}-tok{token_std:g}"
+    ctx = cfg["text_cfg"]["context_length"]   # the folder names every setting that changes the weights
+    d = cache_dir() / "text_encoders" / f"{name}-seed{seed}-tok{token_std:g}-ctx{ctx}"
     if not (d / CONFIG_NAME).is_file():
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)

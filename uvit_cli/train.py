@@ -154,7 +154,7 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
                         "accumulation steps; pick a batch size divisible by their product")
 
     # Data: a seeded stream over the source, so a step's batch is a function of the step alone.
-    source = build_source(recipe)
+    source = build_source(recipe, run_dir)
     check_data_fits_model(recipe, source)
     stream = build_stream(recipe, source)
 

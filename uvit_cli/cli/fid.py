@@ -197,7 +197,7 @@ def _sample_run(target: Path, recipe_path, overrides, weights, seed, samples_out
     text = None
     if recipe.conditioning == "text":
         text = model_eval.open_captions(recipe, n, seed, captions=captions, prompts_file=prompts_file,
-                                        device=device)
+                                        device=device, run_dir=target)
     elif captions is not None or prompts_file is not None:
         raise UvitError(f"--captions / --prompts-file are for text models; this model is {recipe.conditioning}-"
                         "conditional")

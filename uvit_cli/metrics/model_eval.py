@@ -70,13 +70,14 @@ class EvalConditions:
 
 def open_captions(recipe, n: int, seed: int, *, captions: str | Path | None = None,
                   prompts_file: str | Path | None = None, device="cpu", text_encoder: str | None = None,
-                  allow_download: bool | None = None) -> CaptionConditions:
+                  allow_download: bool | None = None, run_dir: str | Path | None = None) -> CaptionConditions:
     """The caption conditions of a text model's evaluation: an encoded val cache (``captions``, default
     ``eval.captions``; a .txt there is read as a prompts file) drawn with the MS-COCO protocol, or a prompts file
-    in order, encoded with the recipe's text encoder. The built-in digits default to their held-out phrasings."""
+    in order, encoded with the recipe's text encoder (the copy ``run_dir`` keeps of a built-in tower, so a run is
+    scored with the tower it trained with). The built-in digits default to their held-out phrasings."""
     spec = prompts_file or captions or recipe.eval.captions
     if not spec and recipe.data.name == "digits":
-        encoder = build_text_encoder(recipe, device, text_encoder, allow_download)
+        encoder = build_text_encoder(recipe, device, text_encoder, allow_download, run_dir=run_dir)
         digits = open_captioned_digits(encoder, "val")
         return cache_conditions(digits, n, seed, source="built-in digits captions, held-out phrasings",
                                 source_sha256=sha256_file(digits.root / "manifest.json"))
@@ -86,7 +87,7 @@ def open_captions(recipe, n: int, seed: int, *, captions: str | Path | None = No
                         "or pass --prompts-file FILE with one prompt per line")
     path = Path(spec)
     if prompts_file is not None or path.suffix == ".txt":
-        encoder = build_text_encoder(recipe, device, text_encoder, allow_download)
+        encoder = build_text_encoder(recipe, device, text_encoder, allow_download, run_dir=run_dir)
         return prompt_conditions(read_prompts_file(path), encoder, n, source=str(path))
     if not path.is_dir():
         raise UvitError(f"captions {path} does not exist: encode the val split with `uvit encode-latents coco "
