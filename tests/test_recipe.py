@@ -1,5 +1,7 @@
 """Recipes: every shipped recipe loads, overrides apply, and mistakes give errors that name the key and the fix."""
 
+import dataclasses
+
 import pytest
 
 from uvit_cli.recipe import (RecipeError, apply_overrides, dump_recipe, load_recipe, recipe_from_dict, recipes_dir,
@@ -92,8 +94,6 @@ def test_size_fills_fields_and_explicit_fields_win():
     ({"train": {"loss_weighting": "min-snr"}}, r"did you mean 'min_snr'"),
     ({"train": {"lr_decay": "cos"}}, r"did you mean 'cosine'"),
     ({"train": {"lr_final": 2.0}}, r"train\.lr_final: is a fraction of train\.lr and must be in \[0, 1\]"),
-    ({"train": {"lr_decay": "cosine", "steps": 100, "warmup_steps": 100}},
-     r"train\.lr_decay: decays after the warm-up.*shorten the warm-up or set lr_decay: none"),
 ])
 def test_mistakes_name_the_key_and_the_fix(raw, pattern):
     with pytest.raises(RecipeError, match=pattern):
@@ -126,7 +126,8 @@ def test_flow_recipes_are_the_paper_backbones_with_the_flow_objective():
                            ("digits_flow_uvit_tiny", "digits_uvit_tiny")):
         r, o = load_recipe(name), load_recipe(official)
         assert r.diffusion.formulation == "flow" and r.prediction_target == "velocity"
-        assert r.model == o.model and r.data == o.data  # the same backbone and data
+        # the same backbone and data (the digits job may start its extra conv as a no-op: an init, not the network)
+        assert dataclasses.replace(r.model, conv_init=o.model.conv_init) == o.model and r.data == o.data
         text = (recipes_dir() / f"{name}.yaml").read_text()
         assert "not a paper result" in text.splitlines()[0] + text.splitlines()[1]
     assert load_recipe("imagenet256_uvit_h2_flow").train.time_sampling == "logit_normal"

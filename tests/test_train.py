@@ -344,3 +344,15 @@ def test_lr_decay_follows_its_curve_and_resumes_exactly(tmp_path, decay):
     assert [s for s, _ in list_states(tmp_path / "cut")] == [8]
     train(tiny_recipe(*cut), tmp_path / "cut", device="cpu")
     _assert_same_state(_state(tmp_path / "cut"), _state(tmp_path / "full"))
+
+
+def test_a_recipe_shortened_below_its_warm_up_trains_and_says_the_decay_never_starts(tmp_path, caplog):
+    """`--set train.steps=4` on a recipe with a 100-step warm-up and a cosine decay (the built-in flow job) is a
+    smoke run, not a mistake: it trains on the warm-up ramp and warns that the decay never starts."""
+    r = load_recipe("digits_flow_uvit_tiny", TINY + ["train.steps=4", "train.warmup_steps=10"])
+    assert r.train.lr_decay == "cosine"
+    with caplog.at_level("WARNING", logger="uvit_cli.train"):
+        train(r, tmp_path / "run", device="cpu")
+    assert "the cosine decay never starts" in caplog.text
+    lrs = [m["lr"] for m in read_metrics(tmp_path / "run") if "lr" in m]
+    assert lrs and all(a < b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < r.train.lr   # still rising

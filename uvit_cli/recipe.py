@@ -482,9 +482,6 @@ def validate(r: Recipe, source: str | None = None) -> None:
         err("train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     if not 0 <= t.lr_final <= 1:
         err("train.lr_final", f"is a fraction of train.lr and must be in [0, 1], got {t.lr_final}")
-    if t.lr_decay != "none" and t.warmup_steps >= t.steps:
-        err("train.lr_decay", f"decays after the warm-up, but train.warmup_steps ({t.warmup_steps}) is not below "
-                              f"train.steps ({t.steps}); shorten the warm-up or set lr_decay: none")
     for key in ("log_every", "save_every", "keep_last"):
         if getattr(t, key) < 1:
             err(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")

@@ -211,6 +211,9 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
         net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None) if world > 1 else model
         if t.compile:
             net = torch.compile(net)
+        if main and t.lr_decay != "none" and t.warmup_steps >= t.steps:   # a shortened recipe (--set train.steps)
+            log.warning("train.warmup_steps (%d) is not below train.steps (%d): the LR only warms up, the %s decay "
+                        "never starts", t.warmup_steps, t.steps, t.lr_decay)
         log.info("training %s for %d steps from step %d: global batch %d = %d ranks x %d accum x %d", recipe.name,
                  t.steps, start, t.batch_size, world, t.grad_accum, micro)
 
