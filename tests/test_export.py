@@ -29,21 +29,23 @@ def digits_run(tmp_path_factory):
 
 
 def _same_outputs(model, exported, recipe, condition: dict, y, ks=(0, 17, 499, 998, 999)):
-    """The exported model at diffusers index k equals the uvit model at network time net_time((k + 1) / N)."""
+    """The exported model at diffusers index k equals the uvit model at network time net_time((k + 1) / N), or at
+    net_time(k / N) for flow matching, whose diffusers timestep is N t."""
     n = exported.num_train_timesteps
     schedule = build_schedule(recipe)
+    offset = 0 if schedule.kind == "flow" else 1
     torch.manual_seed(0)
     m = recipe.model
     x = torch.randn(3, m.in_chans, m.img_size, m.img_size)
     with torch.no_grad():
         for k in ks:
-            t_net = torch.full((3,), float(schedule.net_time((k + 1) / n)))
+            t_net = torch.full((3,), float(schedule.net_time((k + offset) / n)))
             want = model(x, t_net, y)
             got = exported(x, torch.tensor(k), **condition).sample
             torch.testing.assert_close(got, want, atol=0, rtol=0)
         ks = torch.tensor([3, 400, 999])                                # one timestep per sample
         got = exported(x, ks, **condition).sample
-        want = model(x, schedule.net_time((ks.double() + 1) / n).float(), y)
+        want = model(x, schedule.net_time((ks.double() + offset) / n).float(), y)
         torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
