@@ -136,3 +136,35 @@ def test_encode_keeps_its_shards_on_ctrl_c_and_resumes_to_the_same_bytes(tmp_pat
         assert (stopped / name).read_bytes() == (straight / name).read_bytes(), name
     m1, m2 = (json.loads((d / L.MANIFEST).read_text()) for d in (straight, stopped))
     assert m1["shards"] == m2["shards"] and m1["count"] == m2["count"] == 32
+
+
+def test_ablate_stops_on_ctrl_c_with_the_suite_resume_command_which_finishes_it(tmp_path):
+    """Ctrl-C during `uvit ablate` names the suite and the run it stopped in, keeps that run's checkpoint, and
+    prints the ablate command that continues (with --resume), not the inner `uvit train` (which would skip the
+    suite's evaluation and report); that command then finishes the suite."""
+    import yaml
+
+    tiny = {"model.num_layers": 3, "model.embed_dim": 32, "model.num_heads": 2, "model.num_classes": 0,
+            "model.null_class": False, "train.p_uncond": 0.0, "train.batch_size": 16, "train.warmup_steps": 2,
+            "train.log_every": 1, "train.sample_every": 0, "train.save_every": 2, "sample.steps": 2,
+            "sample.cfg_scale": 1.0, "eval.monitor_samples": 16, "data.num_workers": 0}
+    suite = {"name": "tiny", "base": "digits_uvit_tiny", "overrides": tiny, "steps": 400, "eval_every": 400,
+             "metric": "fd_digits", "lower_is_better": True,
+             "variants": {"base": {}, "skip_none": {"model.skip": "none"}},
+             "factors": {"long_skip": {"title": "long skip", "finding": "concat is best",
+                                       "variants": {"base": "concat", "skip_none": "none"},
+                                       "claims": ["base > skip_none"]}}}
+    path, out = tmp_path / "suite.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(suite, sort_keys=False))
+    args = ["ablate", path, "--out", out, "--device", "cpu"]
+    code, err = _interrupt_after_first(args, lambda: any((out / "runs" / "base" / "checkpoints").glob("*.pt")))
+    flat = _flat(err)
+    assert code == 130 and "Traceback" not in err, err
+    assert "stopped by SIGINT" in flat and "of base (1/2 in suite tiny)" in flat, err
+    assert "uvit train" not in flat, err
+    again = f"Resume with: uvit {shlex.join(map(str, args + ['--resume']))}"
+    assert again in flat, err
+    assert not (out / "runs" / "skip_none").exists()
+    res = _uvit(*args, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert (out / "results.md").is_file() and (out / "runs" / "skip_none" / "ema.safetensors").is_file()

@@ -15,7 +15,7 @@ import yaml
 from .. import distributed as dist
 from ..build import build_model
 from ..checkpoint import list_states, load_into, load_weights
-from ..errors import UvitError
+from ..errors import Interrupted, UvitError
 from ..files import write_text
 from ..metrics.model_eval import evaluate_model, monitor_record
 from ..recipe import Recipe, load_recipe, replace
@@ -164,7 +164,12 @@ def run_suite(suite: Suite, out_dir: str | Path, *, only: Optional[list[str]] = 
                 progress(label, i, len(units), step, total, info)
 
         log.info("%s (%d/%d): training %d steps in %s", label, i + 1, len(units), suite.steps, run_dir)
-        train(recipe, run_dir, device=device, resume=resume, progress=on_step)
+        try:
+            train(recipe, run_dir, device=device, resume=resume, progress=on_step)
+        except Interrupted as e:   # name the suite, not the one run: resuming the run alone skips its evaluation
+            done = i + sum(plan[u][0] == "done" for u in units[i + 1:])
+            raise Interrupted(f"{e.args[0].split(';')[0]} of {label} ({i + 1}/{len(units)} in suite {suite.name}); "
+                              f"kept {done} finished run(s) and this run's training state in {out_dir}") from None
         if dist.is_main():
             _final_eval(recipe, run_dir, suite, dev)
             wall.setdefault(suite.steps, offset + time.perf_counter() - start)

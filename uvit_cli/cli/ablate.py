@@ -11,6 +11,7 @@ import typer
 
 from rich.table import Table
 
+from ..errors import Interrupted
 from ..files import prepare_output
 from .app import app, console, setup_logging
 from .options import DeviceOption, NprocOption, SetOption, VerboseOption, command_args, relaunch
@@ -93,6 +94,10 @@ def ablate_cmd(
 
         try:
             ablation.run_suite(suite, out, only=only, resume=resume, device=device, extra=overrides, progress=progress)
+        except Interrupted as e:
+            again = command_args() + [a for a in ("--resume",) if a not in command_args()]
+            again += [] if "--out" in again else ["--out", str(out)]
+            raise Interrupted(f"{e}. Resume with: uvit {shlex.join(again)}") from None
         finally:
             distributed.cleanup()
     if main:
