@@ -74,11 +74,16 @@ def test_cli_grid_gives_each_cycled_class_a_column(tmp_path, capsys, monkeypatch
     (["--prompt", "a cat"], "--prompt given, but this model is class-conditional"),
     (["--seeds", "0-3", "--n", "2"], "either --seeds or --n"),
     (["--class", "random,3"], "cannot be mixed"),
+    (["--out", "s.npz"], "--out writes the labelled grid as a PNG; use --npz s.npz"),
+    (["--out", "g.jpg"], "use --out g.png"),
+    (["--out", "pngs"], "use --out-dir pngs"),
 ])
-def test_cli_class_model_bad_input_is_one_clear_error(tmp_path, capsys, args, message):
+def test_cli_class_model_bad_input_is_one_clear_error(tmp_path, capsys, monkeypatch, args, message):
     ck = _ckpt(tmp_path, class_recipe())
-    code, out = _run(["sample", str(ck), "--out", str(tmp_path / "g.png"), *args], capsys)
+    monkeypatch.chdir(tmp_path)
+    code, out = _run(["sample", str(ck), "--out", "g.png", *args], capsys)
     assert code == 2 and message in out and "Traceback" not in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]   # nothing written
 
 
 def test_cli_guidance_without_a_null_condition_is_an_error(tmp_path, capsys):

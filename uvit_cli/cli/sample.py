@@ -165,6 +165,10 @@ def sample_cmd(
 
     setup_logging(verbose)
     grid_path = out or (Path("grid.png") if out_dir is None and npz is None else None)
+    if out is not None and out.suffix.lower() != ".png":   # the grid is always PNG bytes: say so, do not misname them
+        fix = f"--npz {out}" if out.suffix.lower() == ".npz" else f"--out-dir {out}" if not out.suffix else \
+            f"--out {out.with_suffix('.png')}"
+        raise UvitError(f"--out {out}: --out writes the labelled grid as a PNG; use {fix}")
     for path, option, is_dir in ((grid_path, "--out", False), (out_dir, "--out-dir", True), (npz, "--npz", False)):
         if path is not None:   # before any work: an unwritable output must not cost the sampling
             prepare_output(path, option, directory=is_dir)
