@@ -95,7 +95,8 @@ def ablate_cmd(
         try:
             ablation.run_suite(suite, out, only=only, resume=resume, device=device, extra=overrides, progress=progress)
         except Interrupted as e:
-            again = command_args() + [a for a in ("--resume",) if a not in command_args()]
+            again = command_args()
+            again += [] if "--resume" in again else ["--resume"]
             again += [] if "--out" in again else ["--out", str(out)]
             raise Interrupted(f"{e}. Resume with: uvit {shlex.join(again)}") from None
         finally:
