@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import uvit_cli
-from uvit_cli.recipe import (PREDICTIONS_FOR, SAMPLERS_FOR, Crop, EvalMode, ExportFormat, Formulation, LossWeighting,
+from uvit_cli.choices import (PREDICTIONS_FOR, SAMPLERS_FOR, Crop, EvalMode, ExportFormat, Formulation, LossWeighting,
                              Metric, Precision, Prediction, Sampler, SkipMode, Spacing, TimeSampling, Tracker, Weights,
                              choices)
 
@@ -113,8 +113,11 @@ def test_leaf_modules_stay_leaves():
     assert graph["uvit_cli.errors"] == set()
     assert graph["uvit_cli.files"] <= {"uvit_cli.errors"}
     assert graph["uvit_cli.registry"] == set()
-    # the recipe layer is torch-free and below everything that builds objects
-    assert graph["uvit_cli.recipe"] <= {"uvit_cli.errors", "uvit_cli.registry"}
+    assert graph["uvit_cli.choices"] == set()
+    # the recipe layer (loading, schema, checks, choices) is torch-free and below everything that builds objects
+    layer = {"uvit_cli.recipe", "uvit_cli.schema", "uvit_cli.validation", "uvit_cli.choices"}
+    for name in layer:
+        assert graph[name] <= layer | {"uvit_cli.errors", "uvit_cli.registry"}, name
 
 
 def test_every_list_of_choices_agrees_with_the_recipe():

@@ -5,6 +5,10 @@ class UvitError(Exception):
     """A user's mistake or a missing asset. The message names the problem and the fix."""
 
 
+class RecipeError(UvitError, ValueError):
+    """A user's mistake in a recipe: the message names the file, the key and the fix."""
+
+
 class Interrupted(UvitError):
     """Work stopped by Ctrl-C or SIGTERM after keeping what was done; the message says what was kept and the
     command that continues (``same_command``: rerunning the same command continues, and the CLI adds it). The CLI

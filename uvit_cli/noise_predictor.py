@@ -55,7 +55,7 @@ class NoisePredictor:
     guidance (inside ``guidance_interval``), counts NFE.
 
     ``on_eval(nfe)`` is called after every evaluation (for progress bars). The recipe decides whether guidance is
-    possible (recipe.validate); here a guided call only needs the null condition it was given.
+    possible (validation.validate); here a guided call only needs the null condition it was given.
     """
 
     def __init__(self, model: torch.nn.Module, schedule, cond: torch.Tensor | None = None, *, cfg_scale: float = 1.0,

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..errors import UvitError
 from ..files import prepare_output, write_json
-from ..recipe import Precision, choices
+from ..choices import Precision, choices
 from .app import app, console, setup_logging
 from .options import DeviceOption, SetOption, parse_list
 

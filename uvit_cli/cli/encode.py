@@ -14,7 +14,7 @@ from rich.table import Table
 from ..data.crops import DEFAULT_CROP
 from ..errors import UvitError
 from ..files import prepare_output
-from ..recipe import Crop
+from ..choices import Crop
 from ..registry import DEFAULT_TEXT_ENCODER, VAES
 from .app import app, console, setup_logging
 from .options import PERF, DeviceOption, PrecisionChoice, VerboseOption, choice_enum, precision_option, value

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import UvitError
-from ..recipe import ExportFormat
+from ..choices import ExportFormat
 from ..run import is_run_dir
 from .app import app, console, setup_logging
 from .options import SetOption, WeightsChoice, WeightsOption, choice_enum, value

@@ -1,5 +1,5 @@
 """Options and argument parsing shared by the commands: one definition of --device, --precision, --set, -v, and
-the enums of every choice, derived from the recipe's types (uvit_cli/recipe.py)."""
+the enums of every choice, derived from the recipe's types (uvit_cli/choices.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import typer
 
 from ..errors import Interrupted, UvitError
 from ..files import write_json
-from ..recipe import Precision, Sampler, Weights, choices
+from ..choices import Precision, Sampler, Weights, choices
 
 PERF, IO = "Performance", "I/O"
 

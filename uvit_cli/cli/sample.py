@@ -16,7 +16,7 @@ import typer
 from ..data.imagenet_classes import imagenet_class_id, imagenet_class_names
 from ..errors import UvitError
 from ..files import prepare_output, sha256_file
-from ..recipe import samplers_by_formulation
+from ..choices import samplers_by_formulation
 from .app import app, console, setup_logging
 from .options import (IO, PERF, DeviceOption, NprocOption, PrecisionChoice, SamplerChoice, SetOption, VerboseOption,
                       WeightsChoice, WeightsOption, compile_option, forward_batch_option, parse_seeds,

@@ -20,7 +20,7 @@ import numpy as np
 from .. import distributed
 from ..errors import UvitError
 from ..files import sha256_file
-from ..recipe import Metric, choices
+from ..choices import Metric, choices
 from .digits import VERSION as DIGITS_VERSION
 from .digits import digits_outputs, load_classifier, real_digits_stats
 from .features import FeatureAccumulator, Features, FeatureExtractor, canonical_mode
