@@ -196,3 +196,78 @@ def test_uvit_fid_on_a_run_directory_samples_then_scores(tmp_path, monkeypatch, 
     assert code == 0, err
     assert files[0].stat().st_mtime_ns == mtime  # the kept samples were reused, not redrawn
     assert json.loads((tmp_path / "r2.json").read_text())["metrics"] == r["metrics"]
+
+
+def _tiny_run(tmp_path: Path) -> Path:
+    from uvit_cli.build import build_model
+    from uvit_cli.checkpoint import save_weights
+    from uvit_cli.recipe import dump_recipe
+    from uvit_cli.run import RUN_EMA, write_recipe
+
+    recipe = _digits_recipe(steps=3)
+    run = tmp_path / "runs" / "00000-digits-U-ViT-Tiny2"
+    run.mkdir(parents=True)
+    write_recipe(run, recipe)
+    torch.manual_seed(0)
+    save_weights(run / RUN_EMA, build_model(recipe).state_dict(), dump_recipe(recipe), kind="ema")
+    return run
+
+
+def test_uvit_fid_sweep_scores_each_value_as_its_own_run_would(tmp_path, monkeypatch, classifier):
+    run = _tiny_run(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _invoke_main(["fid", str(run), "-n", "20", "--sweep", "sample.cfg_scale=1,3", "--json",
+                                   "sweep.json"])
+    assert code == 0, err + out
+    doc = json.loads((tmp_path / "sweep.json").read_text())
+    assert doc["sweep"] == "sample.cfg_scale" and doc["values"] == [1, 3]
+    assert [r["protocol"]["guidance_w"] for r in doc["results"]] == [1.0, 3.0]
+    files = sorted((run / "eval").glob("samples_digits_20_*.npz"))
+    assert len(files) == 2   # one kept sample set per value
+    with np.load(files[0]) as a, np.load(files[1]) as b:
+        assert not np.array_equal(a["arr_0"], b["arr_0"])   # guidance changed the images
+    assert doc["results"][0]["metrics"] != doc["results"][1]["metrics"]
+    png = tmp_path / "sweep.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Scoring one value alone reuses that value's samples and gives the sweep's numbers.
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    code, _, err = _invoke_main(["fid", str(run), "-n", "20", "--set", "sample.cfg_scale=3", "--json", "one.json"])
+    assert code == 0, err
+    assert json.loads((tmp_path / "one.json").read_text())["metrics"] == doc["results"][1]["metrics"]
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps
+    # Without --json the figure goes beside the run's samples; list values sweep too.
+    code, out, err = _invoke_main(["fid", str(run), "-n", "10", "--sweep",
+                                   "sample.guidance_interval=[0,1],[0.3,0.7]"])
+    assert code == 0, err + out
+    assert (run / "eval" / "sweep_guidance_interval.png").is_file()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--sweep", "sample.steps=3,0"], "sample.steps: must be positive"),       # refused before any sampling
+    (["--sweep", "train.lr=1,2"], "only sampling settings sweep"),
+    (["--sweep", "sample.cfg=1,2"], "did you mean 'cfg_scale'"),
+    (["--sweep", "sample.cfg_scale=2"], "at least two values"),
+    (["--sweep", "sample.cfg_scale=1,2", "--samples-out", "{tmp}/s.npz"], "a sweep samples once per value"),
+])
+def test_uvit_fid_sweep_refuses_bad_input_before_sampling(tmp_path, monkeypatch, args, match):
+    run = _tiny_run(tmp_path)
+    code, out, err = _invoke_main(["fid", str(run), "-n", "4", *[a.format(tmp=tmp_path) for a in args]])
+    assert code != 0 and match in err + out, err + out
+    assert "Traceback" not in err
+    assert not (run / "eval").exists()
+
+
+def test_uvit_fid_sweep_needs_a_model(tmp_path, digits):
+    np.savez(tmp_path / "s.npz", digits[0][:10, :, :, None])
+    code, out, err = _invoke_main(["fid", str(tmp_path / "s.npz"), "--sweep", "sample.cfg_scale=1,2"])
+    assert code != 0 and "holds images already" in err + out
+
+
+def test_sweep_best_values_respect_each_metric_direction():
+    from uvit_cli.metrics.sweep import best_values
+
+    results = [{"metrics": {"fd_digits": 5.0, "acc_digits": 0.90}}, {"metrics": {"fd_digits": 4.0, "acc_digits": 0.99}},
+               {"metrics": {"fd_digits": 4.0, "acc_digits": 0.95}}]
+    assert best_values("sample.cfg_scale", [1, 2, 3], results) == {"fd_digits": 2, "acc_digits": 2}
+    results[2]["metrics"]["acc_digits"] = 0.999
+    assert best_values("sample.cfg_scale", [1, 2, 3], results) == {"fd_digits": 2, "acc_digits": 3}

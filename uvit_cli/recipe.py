@@ -32,7 +32,7 @@ __all__ = [
     "PREDICTIONS_FOR", "SAMPLERS_FOR", "Crop", "DataName", "EvalMode", "ExportFormat", "Formulation", "LossWeighting",
     "LrDecay", "Metric", "Precision", "Prediction", "Sampler", "SkipMode", "Spacing", "TimeSampling", "Tracker",
     "Weights", "choices", "samplers_by_formulation", "RecipeError", "validate",
-    "recipe_from_dict", "parse_override", "apply_overrides", "read_yaml", "load_recipe", "recipe_to_dict",
+    "recipe_from_dict", "parse_override", "parse_sweep", "sweep_override", "apply_overrides", "read_yaml", "load_recipe", "recipe_to_dict",
     "dump_recipe", "replace", "recipes_dir", "resolve_recipe_path", "shipped_recipes",
 ]
 
@@ -150,6 +150,39 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError:
         parsed = value
     return path, parsed
+
+
+def parse_sweep(text: str) -> tuple[str, list]:
+    """Parse ``sample.key=v1,v2,...`` (each value in YAML syntax, lists in brackets) into (override key, values).
+
+    Only sampling settings sweep: they change how a run's weights are sampled, never the weights (compare
+    trained variants with ``uvit ablate``)."""
+    usage = "expected sample.KEY=V1,V2,..., e.g. --sweep sample.cfg_scale=1,1.5,2,3 or --sweep sample.steps=10,25,50"
+    if "=" not in text:
+        raise RecipeError(f"--sweep {text!r}: {usage}")
+    key, rhs = (x.strip() for x in text.split("=", 1))
+    section, _, name = key.partition(".")
+    if section != "sample" or not name:
+        raise RecipeError(f"--sweep {text!r}: only sampling settings sweep (sample.KEY: "
+                          f"{', '.join(f.name for f in fields(SampleConfig))}); to compare trained variants use "
+                          "`uvit ablate`")
+    names = [f.name for f in fields(SampleConfig)]
+    if name not in names:
+        raise RecipeError(f"--sweep {text!r}: sample.{name} is not a known key{_suggest(name, names)}")
+    try:
+        values = yaml.safe_load(f"[{rhs}]")
+    except yaml.YAMLError:
+        raise RecipeError(f"--sweep {text!r}: the values are not a comma list; {usage}") from None
+    if len(values) < 2 or any(v is None for v in values):
+        raise RecipeError(f"--sweep {text!r}: give at least two values, separated by commas; {usage}")
+    if len({repr(v) for v in values}) < len(values):
+        raise RecipeError(f"--sweep {text!r}: a value is repeated; give each value once")
+    return key, values
+
+
+def sweep_override(key: str, v: Any) -> str:
+    """The ``--set`` text of one swept value (YAML flow syntax, so lists stay lists)."""
+    return f"{key}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
 
 
 def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:

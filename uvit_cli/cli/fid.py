@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..errors import UvitError
 from ..files import prepare_output, sha256_file, write_json
+from ..recipe import parse_sweep, sweep_override
 from ..run import latest_run
 from .app import app, console, setup_logging
 from .options import (DeviceOption, NprocOption, PrecisionChoice, SetOption, VerboseOption, WeightsChoice,
@@ -88,6 +89,11 @@ def fid_cmd(
     prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="text models: prompts, one per line, "
                                                 "used in order (sample i gets prompt i mod P)",
                                                 rich_help_panel=SAMPLING),
+    sweep: Optional[str] = typer.Option(None, "--sweep", metavar="sample.KEY=V1,V2,...", help="score a run at "
+                                        "several values of one sampling setting, e.g. sample.cfg_scale=1,1.5,2,3, "
+                                        "sample.steps=10,25,50 or sample.guidance_interval=[0,1],[0.2,0.8]: one kept "
+                                        ".npz per value, a table, the JSON (--json) and a figure",
+                                        rich_help_panel=SAMPLING),
     nproc_per_node: int = NprocOption,
     verbose: bool = VerboseOption,
 ) -> None:
@@ -102,12 +108,17 @@ def fid_cmd(
       uvit fid runs/00000-digits-U-ViT-Tiny2 --num-samples 1000
       uvit fid runs/00003-imagenet256_uvit_h2-U-ViT-H2 --nproc-per-node 8    (or: torchrun --nproc-per-node 8 -m uvit_cli fid RUN)
       uvit fid runs/00004-coco_uvit_s --captions data/coco256_latents_val     (text models: the MS-COCO protocol)
+      uvit fid runs/00000-digits --sweep sample.cfg_scale=1,1.5,2,3 --json cfg.json   (and cfg.png: one curve per metric)
 
     Many processes draw the same samples and give the same numbers as one; an interrupted job continues when the
     same command is run again (with any number of processes).
     """
     if captions is not None and prompts_file is not None:
         raise UvitError("pass --captions (an encoded val cache) or --prompts-file, not both")
+    swept = parse_sweep(sweep) if sweep is not None else None
+    if swept is not None and samples_out is not None:
+        raise UvitError("--samples-out names one file, and a sweep samples once per value; leave it out (each value "
+                        "keeps its own RUN/eval/samples_*.npz)")
     if num_samples is not None and nproc_per_node > num_samples:
         raise UvitError(f"--nproc-per-node {nproc_per_node} is more than the {num_samples} samples; use at most "
                         f"{num_samples} processes")
@@ -115,7 +126,7 @@ def fid_cmd(
         if path is not None:   # before any work: an unwritable output must not cost the scoring
             prepare_output(path, option)
     if nproc_per_node > 1:   # what every rank would refuse, said once by the launcher before any process starts
-        _check_before_launch(samples, device, recipe_path, overrides, value(weights))
+        _check_before_launch(samples, device, recipe_path, overrides, value(weights), swept)
     relaunch(nproc_per_node)
     from .. import distributed  # deferred: loads torch (cli/app.py)
 
@@ -124,32 +135,46 @@ def fid_cmd(
     try:
         _fid(samples, ref, metrics, num_samples, batch_size, dev, mode, inception_weights, exact, json_out,
              recipe_path, overrides, value(weights), seed, samples_out, value(precision), sample_batch_size,
-             forward_batch, compile_, captions, prompts_file)
+             forward_batch, compile_, captions, prompts_file, swept)
     finally:
         distributed.cleanup()
 
 
-def _check_before_launch(samples: Optional[Path], device: str, recipe_path, overrides, weights: str) -> None:
-    """The device, the samples path and a model target's recipe (not its weights)."""
+def _check_before_launch(samples: Optional[Path], device: str, recipe_path, overrides, weights: str,
+                         swept) -> None:
+    """The device, the samples path and a model target's recipe (not its weights), at every swept value."""
     from .. import build, runtime  # deferred: loads torch (cli/app.py)
 
     runtime.resolve_device(device)
     if samples is not None and not samples.exists():
         raise UvitError(f"{samples} does not exist")
     if samples is not None and build.is_model_target(samples):
-        build.model_recipe(samples, recipe_path, overrides, weights)
+        _check_recipes(samples, recipe_path, overrides, weights, swept)
+
+
+def _sweep_overrides(overrides, swept) -> list[list[str]]:
+    """The --set list of each scoring: one, or one per swept value (the swept value last, so it wins)."""
+    base = list(overrides or [])
+    return [base] if swept is None else [[*base, sweep_override(swept[0], v)] for v in swept[1]]
+
+
+def _check_recipes(target: Path, recipe_path, overrides, weights: str, swept) -> None:
+    """Every value's recipe is valid before any sampling, so a bad value cannot cost the good ones' work."""
+    from .. import build  # deferred: loads torch (cli/app.py)
+
+    for sets in _sweep_overrides(overrides, swept):
+        build.model_recipe(target, recipe_path, sets, weights)
 
 
 def _fid(samples, ref, metrics, num_samples, batch_size, dev, mode, inception_weights, exact, json_out, recipe_path,
          overrides, weights, seed, samples_out, precision, sample_batch_size, forward_batch, compile_, captions,
-         prompts_file) -> None:
-    """Every rank: sample its share (runs), compute its share of the features; rank 0 scores and prints."""
+         prompts_file, swept=None) -> None:
+    """Every rank: sample its share (runs), compute its share of the features; rank 0 scores and prints. With a
+    sweep, the same once per swept value, then one table, JSON and figure."""
     from .. import build, distributed, runtime  # deferred: loads torch (cli/app.py)
-    from ..metrics.evaluate import evaluate  # deferred: loads torch (cli/app.py)
 
     runtime.setup_runtime(dev)
-    main, world = distributed.is_main(), distributed.world_size()
-    recipe, card = None, {}
+    main = distributed.is_main()
     if samples is None:
         samples = latest_run("runs")
         if samples is None:
@@ -157,27 +182,84 @@ def _fid(samples, ref, metrics, num_samples, batch_size, dev, mode, inception_we
                             "or a checkpoint")
         if main:
             console.print(f"scoring the latest run: {samples}")
-    if build.is_model_target(samples):
-        samples, recipe, card = _sample_run(samples, recipe_path, overrides, weights, seed, samples_out, precision,
-                                            sample_batch_size, num_samples, dev, forward_batch, compile_, captions,
-                                            prompts_file)
-    elif not samples.exists():
+    is_model = build.is_model_target(samples)
+    if not is_model and not samples.exists():
         raise UvitError(f"{samples} does not exist")
-    ev = recipe.eval if recipe is not None else None
-    mode = mode or (ev.mode if ev is not None else _auto_mode(samples))
-    with progress_bar(disable=not main) as bar:
-        result = evaluate(samples, ref or (ev.ref if ev is not None else None) or None,
-                          metrics=metrics or (ev.metrics if ev is not None else None), mode=mode,
-                          num_samples=num_samples, batch_size=batch_size or (ev.batch_size if ev else 50),
-                          device=dev, inception_weights=inception_weights, exact=exact, protocol=card,
-                          progress=Stages(bar), shards_dir=samples.with_name(samples.name + ".features")
-                          if world > 1 else None)
+    if swept is not None and not is_model:
+        raise UvitError(f"--sweep samples a run directory or checkpoint once per value; {samples} holds images "
+                        "already (pass a run, or score each sample set on its own)")
+    if is_model:
+        _check_recipes(samples, recipe_path, overrides, weights, swept)
+    results = []
+    for sets in _sweep_overrides(overrides, swept):
+        if swept is not None and main:
+            console.rule(f"{sets[-1]}")
+        scored, recipe, card = samples, None, {}
+        if is_model:
+            scored, recipe, card = _sample_run(samples, recipe_path, sets, weights, seed, samples_out, precision,
+                                               sample_batch_size, num_samples, dev, forward_batch, compile_,
+                                               captions, prompts_file)
+        result = _score(scored, recipe, card, ref, metrics, num_samples, batch_size, dev, mode, inception_weights,
+                        exact)
+        if main:
+            _print(result, f"{scored}")
+            results.append(result.to_dict())
     if not main:
         return
-    _print(result, f"{samples}")
+    if swept is None:
+        if json_out:
+            write_json(json_out, results[0], indent=2)
+            console.print(f"wrote {json_out}")
+        return
+    _report_sweep(swept, results, samples, json_out)
+
+
+def _score(samples: Path, recipe, card: dict, ref, metrics, num_samples, batch_size, dev, mode, inception_weights,
+           exact):
+    """Features and metrics of one sample set (every rank its share of the features); the result on rank 0."""
+    from .. import distributed  # deferred: loads torch (cli/app.py)
+    from ..metrics.evaluate import evaluate  # deferred: loads torch (cli/app.py)
+
+    ev = recipe.eval if recipe is not None else None
+    mode = mode or (ev.mode if ev is not None else _auto_mode(samples))
+    with progress_bar(disable=not distributed.is_main()) as bar:
+        return evaluate(samples, ref or (ev.ref if ev is not None else None) or None,
+                        metrics=metrics or (ev.metrics if ev is not None else None), mode=mode,
+                        num_samples=num_samples, batch_size=batch_size or (ev.batch_size if ev else 50),
+                        device=dev, inception_weights=inception_weights, exact=exact, protocol=card,
+                        progress=Stages(bar), shards_dir=samples.with_name(samples.name + ".features")
+                        if distributed.world_size() > 1 else None)
+
+
+def _report_sweep(swept, results: list[dict], target: Path, json_out: Optional[Path]) -> None:
+    """The sweep's table (the best value of each metric in bold), its JSON and its figure."""
+    from ..metrics import sweep as sw  # deferred: loads matplotlib
+
+    key, values = swept
+    names = list(results[0]["metrics"])
+    best = sw.best_values(key, values, results)
+    table = Table(title=f"{target}: {key}")
+    table.add_column(key)
+    for name in names:
+        table.add_column(f"{name} ({'lower' if name in sw.LOWER_IS_BETTER else 'higher'} is better)",
+                         justify="right")
+    table.add_column("NFE", justify="right")
+    for v, r in zip(values, results):
+        cells = []
+        for name in names:
+            x = r["metrics"][name]
+            text = f"{x:.4f}" if abs(x) < 1e4 else f"{x:.4g}"
+            cells.append(f"[bold]{text}[/]" if best.get(name) == v else text)
+        table.add_row(sw.value_label(v), *cells, str(r["protocol"].get("nfe", "")))
+    console.print(table)
+    figure = (json_out.with_suffix(".png") if json_out else
+              (target if target.is_dir() else target.parent) / "eval" / f"sweep_{key.split('.', 1)[1]}.png")
+    sw.plot_sweep(key, values, results, figure, title=f"{target.name}: {results[0]['protocol'].get('count', '')} "
+                                                      "samples per value")
     if json_out:
-        write_json(json_out, result.to_dict(), indent=2)
+        write_json(json_out, sw.sweep_document(key, values, results), indent=2)
         console.print(f"wrote {json_out}")
+    console.print(f"wrote {figure}")
 
 
 def _sample_run(target: Path, recipe_path, overrides, weights, seed, samples_out, precision, batch_size,
