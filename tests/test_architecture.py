@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 import uvit_cli
-from uvit_cli.choices import (PREDICTIONS_FOR, SAMPLERS_FOR, Crop, EvalMode, ExportFormat, Formulation, LossWeighting,
-                             Metric, Precision, Prediction, Sampler, SkipMode, Spacing, TimeSampling, Tracker, Weights,
-                             choices)
+from uvit_cli.choices import (PREDICTIONS_FOR, SAMPLERS_FOR, CheckpointPolicy, Crop, EvalMode, ExportFormat,
+                              Formulation, LossWeighting, Metric, Precision, Prediction, Sampler, SkipMode, Spacing,
+                              TimeSampling, Tracker, Weights, choices)
 
 PACKAGE = Path(uvit_cli.__file__).parent
 
@@ -131,7 +131,7 @@ def test_every_list_of_choices_agrees_with_the_recipe():
     from uvit_cli.errors import UvitError
     from uvit_cli.metrics.evaluate import DIGITS_METRICS, INCEPTION_METRICS
     from uvit_cli.metrics.features import MODES
-    from uvit_cli.model import SKIP_MODES
+    from uvit_cli.model import CHECKPOINT_POLICIES, SKIP_MODES
     from uvit_cli.recipe import DataName, load_recipe, replace
     from uvit_cli.registry import VAES
     from uvit_cli.runtime import DTYPES
@@ -141,6 +141,7 @@ def test_every_list_of_choices_agrees_with_the_recipe():
     assert tuple(SAMPLERS) == choices(Sampler)
     assert ("auto", *SPACINGS) == choices(Spacing)
     assert SKIP_MODES == choices(SkipMode)
+    assert CHECKPOINT_POLICIES == choices(CheckpointPolicy)
     assert tuple(DTYPES) == choices(Precision)
     assert tuple(TRACKERS) == choices(Tracker)
     assert {"auto", *CROPS} == set(choices(Crop))

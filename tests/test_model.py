@@ -126,6 +126,55 @@ def test_gradient_checkpointing_same_gradients():
         torch.testing.assert_close(pa.grad, pb.grad, atol=1e-6, rtol=1e-5, msg=n)
 
 
+@pytest.mark.parametrize("time_cond", ["token", "adaln"])
+@pytest.mark.parametrize("policy", ["all", "every_other", "attention", "mlp"])
+def test_every_checkpoint_policy_gives_the_gradients_of_none(policy, time_cond):
+    torch.manual_seed(0)
+    kw = dict(img_size=8, patch_size=2, in_chans=3, embed_dim=32, num_layers=5, num_heads=4, num_classes=3,
+              time_cond=time_cond)
+    a, b = UViT(**kw), UViT(**kw, grad_checkpoint=True, checkpoint_policy=policy)
+    b.load_state_dict(a.state_dict())
+    x, t, y = example_inputs(a, batch=2)
+    for m in (a, b):
+        m(x, t, y).square().mean().backward()
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-6, rtol=1e-5, msg=n)
+    with torch.no_grad():   # sampling: nothing to recompute, the same outputs
+        torch.testing.assert_close(a.eval()(x, t, y), b.eval()(x, t, y))
+
+
+def test_checkpoint_policies_trade_memory_for_recompute():
+    """Counted, not timed: every policy holds less at its peak than none, and recomputes (more FLOPs); "all" saves
+    the most and costs the most; the selective ones sit between."""
+    from uvit_cli.bench.memory import bench_checkpointing
+    from uvit_cli.recipe import load_recipe
+
+    recipe = load_recipe("digits_uvit_tiny", ["model.embed_dim=64", "model.num_heads=2"])
+    rows = {r["policy"]: r for r in bench_checkpointing(recipe, batch=8)}
+    assert rows["none"]["memory_vs_none"] == 1.0 and rows["none"]["flops_vs_none"] == 1.0
+    for policy in ("all", "every_other", "attention", "mlp"):
+        assert rows[policy]["memory_vs_none"] < 0.9, policy
+        assert rows[policy]["flops_vs_none"] > 1.02, policy
+    assert rows["all"]["memory_vs_none"] < min(rows[p]["memory_vs_none"] for p in ("every_other", "attention", "mlp"))
+    assert rows["all"]["flops_vs_none"] > max(rows[p]["flops_vs_none"] for p in ("every_other", "attention", "mlp"))
+    # the counter follows storages, not tensors: a view costs nothing, a freed tensor is given back
+    from uvit_cli.bench.memory import LiveTensorBytes
+
+    with LiveTensorBytes() as meter:
+        a = torch.ones(1000)
+        view = a[:10]
+        b = torch.ones(500)
+        del b
+        c = torch.ones(250)
+    assert meter.peak == 4 * 1500 and meter.live == 4 * 1250
+    del a, view, c
+
+
+def test_an_unknown_checkpoint_policy_is_refused():
+    with pytest.raises(ValueError, match="checkpoint_policy must be one of"):
+        UViT(img_size=8, patch_size=2, embed_dim=32, num_layers=3, num_heads=4, checkpoint_policy="some")
+
+
 def test_size_registry_names_mean_paper_layers():
     m = uvit_from_size("U-ViT-S/2", img_size=8)
     assert len(m.in_blocks) + 1 + len(m.out_blocks) == 13

@@ -11,6 +11,7 @@ from typing import Literal
 
 Precision = Literal["fp32", "bf16", "fp16"]                 # autocast precision (runtime.DTYPES)
 SkipMode = Literal["concat_linear", "add", "linear_skip", "linear_sum", "none"]  # long-skip fusion (model.SKIP_MODES)
+CheckpointPolicy = Literal["all", "every_other", "attention", "mlp"]  # what is recomputed (model.CHECKPOINT_POLICIES)
 Sampler = Literal["dpm_solver", "dpm_solver_pp", "dpm_solver_pp_2m", "euler_maruyama", "pf_ode_euler", "euler",
                   "heun", "ddim"]                           # sampling.SAMPLERS
 Spacing = Literal["auto", "logSNR", "time_uniform", "time_quadratic"]  # step spacing (sampling.time_grid)

@@ -63,6 +63,7 @@ class UViTModel(ModelMixin, UViT, ConfigMixin):
         """The same network and weights as ``model`` (built from ``recipe``), in the diffusers class."""
         kw = {**model_kwargs(recipe.model), "grad_checkpoint": False}
         kw.pop("conv_init")  # how the conv started; the trained weights are loaded below
+        kw.pop("checkpoint_policy")  # training memory only
         kw["patch_embed_type"], kw["pos_embed_type"] = kw.pop("patch_embed"), kw.pop("pos_embed")
         n = recipe.diffusion.num_timesteps if recipe.diffusion.formulation == "discrete" else 1000
         out = cls(**kw, diffusion=recipe_to_dict(recipe)["diffusion"], num_train_timesteps=n)

@@ -19,6 +19,7 @@ import torch.utils.checkpoint
 from .registry import official_depth, size_kwargs, size_names
 
 SKIP_MODES = ("concat_linear", "add", "linear_skip", "linear_sum", "none")
+CHECKPOINT_POLICIES = ("all", "every_other", "attention", "mlp")   # what backward recomputes (grad_checkpoint)
 
 #################################################################################
 #                                   Helpers                                     #
@@ -96,12 +97,23 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def _recompute(fn, *args):
+    """fn(*args), its activations recomputed in backward instead of kept (when a graph is being recorded)."""
+    if torch.is_grad_enabled() and any(a.requires_grad for a in args if isinstance(a, torch.Tensor)):
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 class Block(nn.Module):
-    """Pre-LN transformer block; out-blocks first fuse the long skip h_s into the main branch h_m."""
+    """Pre-LN transformer block; out-blocks first fuse the long skip h_s into the main branch h_m.
+
+    ``recompute`` ("attention" or "mlp") recomputes that sub-layer in backward (selective activation checkpointing);
+    the UViT sets it from its checkpoint policy while training."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, skip: str | None = None,
                  adaln: bool = False):
         super().__init__()
+        self.recompute: str | None = None
         self.skip = skip
         if skip == "concat_linear":   # Linear(concat(h_m, h_s)): the paper's choice
             self.skip_linear = nn.Linear(2 * dim, dim)
@@ -123,11 +135,22 @@ class Block(nn.Module):
         elif self.skip == "linear_sum":
             x = self.skip_linear(x + skip)
         if self.adaln is None:
-            x = x + self.attn(self.norm1(x))
-            return x + self.mlp(self.norm2(x))
+            x = x + self._sublayer("attention", self._attn, x)
+            return x + self._sublayer("mlp", self._mlp, x)
         shift1, scale1, shift2, scale2 = self.adaln(c).chunk(4, dim=-1)
-        x = x + self.attn(modulate(self.norm1(x), shift1, scale1))
-        return x + self.mlp(modulate(self.norm2(x), shift2, scale2))
+        x = x + self._sublayer("attention", self._attn, x, shift1, scale1)
+        return x + self._sublayer("mlp", self._mlp, x, shift2, scale2)
+
+    def _sublayer(self, name: str, fn, *args):
+        return _recompute(fn, *args) if self.recompute == name and self.training else fn(*args)
+
+    def _attn(self, x, shift=None, scale=None):
+        h = self.norm1(x)
+        return self.attn(h if shift is None else modulate(h, shift, scale))
+
+    def _mlp(self, x, shift=None, scale=None):
+        h = self.norm2(x)
+        return self.mlp(h if shift is None else modulate(h, shift, scale))
 
 
 class PatchEmbed(nn.Module):
@@ -168,16 +191,18 @@ class UViT(nn.Module):
                  mlp_time_embed: bool = False, num_classes: int = 0, null_class: bool = False, text_dim: int = 0,
                  text_tokens: int = 77, skip: str = "concat_linear", time_cond: str = "token", conv: str = "after",
                  patch_embed: str = "linear", pos_embed: str = "learned", conv_init: str = "default",
-                 grad_checkpoint: bool = False):
+                 grad_checkpoint: bool = False, checkpoint_policy: str = "all"):
         super().__init__()
         if num_layers % 2 == 0:
             raise ValueError(f"num_layers must be odd (in + mid + out blocks), got {num_layers}")
         if skip not in SKIP_MODES:
             raise ValueError(f"skip must be one of {SKIP_MODES}, got {skip!r}")
+        if checkpoint_policy not in CHECKPOINT_POLICIES:
+            raise ValueError(f"checkpoint_policy must be one of {CHECKPOINT_POLICIES}, got {checkpoint_policy!r}")
         self.img_size, self.patch_size, self.in_chans, self.embed_dim = img_size, patch_size, in_chans, embed_dim
         self.num_classes, self.null_class, self.text_dim = num_classes, null_class, text_dim
         self.time_cond, self.conv, self.pos_embed_kind = time_cond, conv, pos_embed
-        self.grad_checkpoint = grad_checkpoint
+        self.grad_checkpoint, self.checkpoint_policy = grad_checkpoint, checkpoint_policy
         grid = img_size // patch_size
         num_patches = grid * grid
 
@@ -207,6 +232,9 @@ class UViT(nn.Module):
         self.in_blocks = nn.ModuleList([Block(**block) for _ in range(half)])
         self.mid_block = Block(**block)
         self.out_blocks = nn.ModuleList([Block(**block, skip=None if skip == "none" else skip) for _ in range(half)])
+        if grad_checkpoint and checkpoint_policy in ("attention", "mlp"):
+            for blk in self.blocks():
+                blk.recompute = checkpoint_policy
 
         self.norm = nn.LayerNorm(embed_dim)
         self.token_conv = nn.Conv2d(embed_dim, embed_dim, 3, padding=1) if conv == "before" else None
@@ -244,9 +272,16 @@ class UViT(nn.Module):
         """The label that means "no class" (for guidance), or None when the model has no null row."""
         return self.num_classes if self.num_classes > 0 and self.null_class else None
 
-    def _run(self, blk: Block, x, skip, c):
-        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(blk, x, skip, c, use_reentrant=False)
+    def blocks(self) -> list[Block]:
+        """In-blocks, mid-block, out-blocks: the order the forward runs them."""
+        return [*self.in_blocks, self.mid_block, *self.out_blocks]
+
+    def _run(self, i: int, blk: Block, x, skip, c):
+        """Block i of the forward; whole blocks are recomputed in backward under the "all" policy, and the
+        even-numbered ones under "every_other" (half the saving at half the extra compute)."""
+        whole = self.checkpoint_policy == "all" or (self.checkpoint_policy == "every_other" and i % 2 == 0)
+        if self.grad_checkpoint and whole and self.training:
+            return _recompute(blk, x, skip, c)
         return blk(x, skip, c)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -271,13 +306,13 @@ class UViT(nn.Module):
             x = x + self.pos_embed
 
         c = temb if self.time_cond == "adaln" else None
-        skips = []
-        for blk in self.in_blocks:
-            x = self._run(blk, x, None, c)
+        skips, half = [], len(self.in_blocks)
+        for i, blk in enumerate(self.in_blocks):
+            x = self._run(i, blk, x, None, c)
             skips.append(x)
-        x = self._run(self.mid_block, x, None, c)
-        for blk in self.out_blocks:
-            x = self._run(blk, x, skips.pop(), c)
+        x = self._run(half, self.mid_block, x, None, c)
+        for i, blk in enumerate(self.out_blocks, start=half + 1):
+            x = self._run(i, blk, x, skips.pop(), c)
 
         x = self.norm(x)[:, self.extras:]                                 # (B, L, D)
         if self.token_conv is not None:  # ablation (c): the 3x3 conv on the token grid, before the decoder

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .choices import (PREDICTIONS_FOR, SAMPLERS_FOR, Crop, DataName, EvalMode, ExportFormat, Formulation,
+from .choices import (PREDICTIONS_FOR, SAMPLERS_FOR, CheckpointPolicy, Crop, DataName, EvalMode, ExportFormat, Formulation,
                       LossWeighting, LrDecay, Metric, Precision, Prediction, Sampler, SkipMode, Spacing, TimeSampling,
                       Tracker, Weights, choices, samplers_by_formulation)
 from .errors import RecipeError
@@ -29,7 +29,7 @@ from .validation import where as _where
 # Callers import a recipe's parts from here: its schema, its lists of choices, its error, and the functions below.
 __all__ = [
     "Recipe", "ModelConfig", "DataConfig", "DiffusionConfig", "TrainConfig", "SampleConfig", "EvalConfig", "SECTIONS",
-    "PREDICTIONS_FOR", "SAMPLERS_FOR", "Crop", "DataName", "EvalMode", "ExportFormat", "Formulation", "LossWeighting",
+    "PREDICTIONS_FOR", "SAMPLERS_FOR", "CheckpointPolicy", "Crop", "DataName", "EvalMode", "ExportFormat", "Formulation", "LossWeighting",
     "LrDecay", "Metric", "Precision", "Prediction", "Sampler", "SkipMode", "Spacing", "TimeSampling", "Tracker",
     "Weights", "choices", "samplers_by_formulation", "RecipeError", "validate",
     "recipe_from_dict", "parse_override", "parse_sweep", "sweep_override", "apply_overrides", "read_yaml", "load_recipe", "recipe_to_dict",

@@ -22,8 +22,9 @@ RUN_TEXT_ENCODER = "text_encoder"    # a copy of a built-in text tower the run t
 TENSORBOARD = "tensorboard"          # TensorBoard event files (train.log_to: tensorboard)
 WANDB_ID = "wandb_id.txt"            # the wandb run id, so a resumed training run resumes its wandb run
 
-# Fields a resumed run may change: how long it runs, how often it logs, samples, saves and evaluates.
-RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.sample_every", "train.save_every", "train.keep_last",
+# Fields a resumed run may change: how long it runs, how often it logs, samples, saves and evaluates, and what
+# backward recomputes to save memory (the same gradients: a run that ran out of memory resumes with checkpointing).
+RESUMABLE_CHANGES = {"model.grad_checkpoint", "model.checkpoint_policy", "train.steps", "train.log_every", "train.sample_every", "train.save_every", "train.keep_last",
                      "train.eval_every", "train.log_to", "train.wandb_project", "data.num_workers", "data.latents",
                      "data.source"}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .choices import (PREDICTIONS_FOR, Crop, DataName, EvalMode, Formulation, LossWeighting, LrDecay, Precision,
+from .choices import (PREDICTIONS_FOR, CheckpointPolicy, Crop, DataName, EvalMode, Formulation, LossWeighting, LrDecay, Precision,
                       Prediction, Sampler, SkipMode, Spacing, TimeSampling, Tracker)
 from .registry import VAES
 
@@ -36,7 +36,8 @@ class ModelConfig:
     conv_init: Literal["default", "identity"] = "default"  # that conv's init: PyTorch's random one (official) or identity (Dirac kernel, zero bias: starts as a no-op)
     patch_embed: Literal["linear", "conv"] = "linear"   # linear patch embedding (paper) or a 3x3-conv stack + 1x1 conv
     pos_embed: Literal["learned", "sincos2d", "none"] = "learned"  # learned 1D table (paper), fixed 2D sin-cos, or none
-    grad_checkpoint: bool = False       # recompute block activations in backward to save memory
+    grad_checkpoint: bool = False       # recompute activations in backward to save memory (official use_checkpoint)
+    checkpoint_policy: CheckpointPolicy = "all"  # with grad_checkpoint, what is recomputed: every block (official), every other block, or only each block's attention / MLP sub-layer
 
 
 @dataclass(frozen=True)

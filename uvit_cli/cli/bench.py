@@ -15,7 +15,7 @@ from ..choices import Precision, choices
 from .app import app, console, setup_logging
 from .options import DeviceOption, SetOption, parse_list
 
-SUITES = ("peak", "train", "profile", "scaling", "sample", "encode", "features")   # one module each in uvit_cli/bench/
+SUITES = ("peak", "train", "profile", "checkpoint", "scaling", "sample", "encode", "features")   # one module each in uvit_cli/bench/
 
 
 def _choices(text: str, allowed: tuple, what: str) -> list[str]:
@@ -65,11 +65,12 @@ def bench_cmd(
       uvit bench digits_uvit_tiny --suite scaling --batches 8,32,128 --patch-sizes 1,2,4
       uvit bench imagenet256_uvit_h2 --suite sample --device cuda   (the recipe's protocol, guided DPM-Solver, SD-VAE)
       uvit bench runs/digits --suite sample --device cpu --forward-batches 4,8,16,32 --no-guided
+      uvit bench cifar10_uvit_s2 --suite checkpoint --batch 4   (each checkpoint policy: peak memory, FLOPs, time)
     """
     import torch
 
     from .. import build, runtime  # deferred: loads torch (cli/app.py)
-    from ..bench import encode, features, profile, sample, timer, train  # deferred: loads torch (cli/app.py)
+    from ..bench import encode, features, memory, profile, sample, timer, train  # deferred: loads torch (cli/app.py)
 
     setup_logging()
     if json_out is not None:
@@ -135,6 +136,10 @@ def bench_cmd(
                 result["profile"].append(r)
                 _print_profile(r, recipe, dev)
 
+    if "checkpoint" in suites:
+        result["checkpoint"] = _bench_checkpoint(recipe, memory, train, batch=batch, device=str(dev), iters=iters,
+                                                 repeats=repeats)
+
     if "scaling" in suites:
         rows = train.bench_scaling(recipe, batches=bs or [1, 4, batch], patch_sizes=ps, precision=precs[-1], device=str(dev),
                                    iters=iters, repeats=repeats)
@@ -188,6 +193,31 @@ def bench_cmd(
     if json_out:
         write_json(json_out, result)
         console.print(f"wrote {json_out}")
+
+
+def _bench_checkpoint(recipe, memory, train, *, batch: int, device: str, iters: int, repeats: int) -> list[dict]:
+    """Every activation-checkpointing policy against none: the step's peak tensor memory and FLOPs (exact, fp32)
+    and its time on this device (the median of ``repeats``)."""
+    from ..recipe import replace
+
+    rows = memory.bench_checkpointing(recipe, batch=batch, device=device)
+    for r in rows:
+        policy = r["policy"]
+        timed = train.bench_train(replace(recipe, model={"checkpoint_policy": "all" if policy == "none" else policy}),
+                                  batch=batch, grad_checkpoint=policy != "none", device=device, iters=iters,
+                                  repeats=repeats)
+        r.update(sec_per_step=timed["sec_per_step"], runs=timed.get("runs"), peak_mem_gb=timed.get("peak_mem_gb"))
+    ref = rows[0]
+    table = Table(title=f"activation checkpointing, {recipe.model.size} {recipe.model.img_size}px, batch {batch}, "
+                        f"fp32, {device}: memory and FLOPs counted, time the median of {repeats}")
+    for col in ("policy", "peak tensor MiB", "vs none", "step GFLOPs", "vs none", "s/step", "vs none"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["policy"], f"{r['peak_bytes'] / 2 ** 20:.1f}", f"{r['memory_vs_none']:.3f}",
+                      f"{r['flops'] / 1e9:.2f}", f"{r['flops_vs_none']:.3f}", f"{r['sec_per_step']:.3f}",
+                      f"{r['sec_per_step'] / ref['sec_per_step']:.3f}")
+    console.print(table)
+    return rows
 
 
 def _print_profile(r: dict, recipe, dev) -> None:

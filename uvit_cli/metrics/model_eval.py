@@ -190,6 +190,7 @@ def sampling_identity(recipe) -> str:
     d = recipe_to_dict(recipe)
     d["sample"].pop("batch_size")        # samples do not depend on the batch size (per-sample seeds)
     d["model"].pop("grad_checkpoint")    # nor on activation checkpointing
+    d["model"].pop("checkpoint_policy")
     # fields added later, at the value that samples as before, leave the identity (and kept samples) unchanged
     if d["diffusion"]["prediction"] == "auto":
         d["diffusion"].pop("prediction")
