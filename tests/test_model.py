@@ -153,8 +153,10 @@ def test_checkpoint_policies_trade_memory_for_recompute():
     rows = {r["policy"]: r for r in bench_checkpointing(recipe, batch=8)}
     assert rows["none"]["memory_vs_none"] == 1.0 and rows["none"]["flops_vs_none"] == 1.0
     for policy in ("all", "every_other", "attention", "mlp"):
+        assert rows[policy]["forward_vs_none"] < 0.8, policy
         assert rows[policy]["memory_vs_none"] < 0.9, policy
         assert rows[policy]["flops_vs_none"] > 1.02, policy
+    assert rows["all"]["forward_vs_none"] < min(rows[p]["forward_vs_none"] for p in ("every_other", "attention", "mlp"))
     assert rows["all"]["memory_vs_none"] < min(rows[p]["memory_vs_none"] for p in ("every_other", "attention", "mlp"))
     assert rows["all"]["flops_vs_none"] > max(rows[p]["flops_vs_none"] for p in ("every_other", "attention", "mlp"))
     # the counter follows storages, not tensors: a view costs nothing, a freed tensor is given back

@@ -1,8 +1,9 @@
 """The checkpoint suite: what each activation-checkpointing policy saves and what it costs, counted exactly.
 
-Memory is the peak of the bytes held by tensors a training step creates (forward, loss, backward; the weights and
-inputs that exist before it are not counted), followed storage by storage from the op that creates it until it is
-freed. That is what a GPU allocator's peak measures minus its caching and fragmentation, and it needs no GPU: it
+Memory is counted in the bytes held by tensors a training step creates (the weights and inputs that exist before it
+are not counted), followed storage by storage from the op that creates it until it is freed: what the forward keeps
+for backward (the activations, which grow with the batch) and the step's peak (the gradients included, which do
+not). That is what a GPU allocator's peak measures minus its caching and fragmentation, and it needs no GPU: it
 does not depend on the device. Cost is the step's FLOPs by PyTorch's counter (recompute included); the time on a
 given card is `uvit bench --suite train --grad-ckpt both` with the policy set by --set.
 """
@@ -63,23 +64,27 @@ def _model(recipe: Recipe, policy: str, device: str):
 
 
 def step_memory_and_flops(recipe: Recipe, policy: str, *, batch: int, device: str = "cpu", seed: int = 0) -> dict:
-    """Peak bytes a training step (forward, MSE loss, backward) holds beyond the weights, and its FLOPs, under one
-    checkpoint policy ("none" for no checkpointing)."""
+    """Under one checkpoint policy ("none" for no checkpointing): the bytes a training step's forward keeps for
+    backward, the peak it holds beyond the weights (forward, MSE loss, backward: the gradients included), and its
+    FLOPs."""
     torch.manual_seed(seed)
     model = _model(recipe, policy, device)
     x, t, y = example_inputs(model, batch, device=device)
     target = torch.randn_like(x)
     meter = LiveTensorBytes()
     with meter:
-        F.mse_loss(model(x, t, y), target).backward()
-    del model
+        loss = F.mse_loss(model(x, t, y), target)
+        kept = meter.live          # what the forward keeps for backward: the activations checkpointing trades
+        loss.backward()
+    del model, loss
     with torch.device("meta"):
         meta = _model(recipe, policy, "meta")
     xm, tm, ym = example_inputs(meta, batch, device="meta")
     counter = FlopCounterMode(display=False)
     with counter:
         F.mse_loss(meta(xm, tm, ym), torch.zeros_like(xm)).backward()
-    return {"policy": policy, "batch": batch, "peak_bytes": meter.peak, "flops": int(counter.get_total_flops())}
+    return {"policy": policy, "batch": batch, "forward_bytes": kept, "peak_bytes": meter.peak,
+            "flops": int(counter.get_total_flops())}
 
 
 def bench_checkpointing(recipe: Recipe, *, batch: int, device: str = "cpu", policies=POLICIES) -> list[dict]:
@@ -87,6 +92,7 @@ def bench_checkpointing(recipe: Recipe, *, batch: int, device: str = "cpu", poli
     rows = [step_memory_and_flops(recipe, p, batch=batch, device=device) for p in policies]
     ref = next((r for r in rows if r["policy"] == "none"), rows[0])
     for r in rows:
+        r["forward_vs_none"] = r["forward_bytes"] / ref["forward_bytes"]
         r["memory_vs_none"] = r["peak_bytes"] / ref["peak_bytes"]
         r["flops_vs_none"] = r["flops"] / ref["flops"]
     return rows

@@ -210,10 +210,12 @@ def _bench_checkpoint(recipe, memory, train, *, batch: int, device: str, iters: 
     ref = rows[0]
     table = Table(title=f"activation checkpointing, {recipe.model.size} {recipe.model.img_size}px, batch {batch}, "
                         f"fp32, {device}: memory and FLOPs counted, time the median of {repeats}")
-    for col in ("policy", "peak tensor MiB", "vs none", "step GFLOPs", "vs none", "s/step", "vs none"):
+    for col in ("policy", "kept by forward MiB", "vs none", "step peak MiB", "vs none", "step GFLOPs", "vs none",
+                "s/step", "vs none"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(r["policy"], f"{r['peak_bytes'] / 2 ** 20:.1f}", f"{r['memory_vs_none']:.3f}",
+        table.add_row(r["policy"], f"{r['forward_bytes'] / 2 ** 20:.1f}", f"{r['forward_vs_none']:.3f}",
+                      f"{r['peak_bytes'] / 2 ** 20:.1f}", f"{r['memory_vs_none']:.3f}",
                       f"{r['flops'] / 1e9:.2f}", f"{r['flops_vs_none']:.3f}", f"{r['sec_per_step']:.3f}",
                       f"{r['sec_per_step'] / ref['sec_per_step']:.3f}")
     console.print(table)
