@@ -162,14 +162,16 @@ def test_checkpoint_policies_trade_memory_for_recompute():
     # the counter follows storages, not tensors: a view costs nothing, a freed tensor is given back
     from uvit_cli.bench.memory import LiveTensorBytes
 
+    weight = torch.ones(4000)                   # exists before: its views inside cost nothing
     with LiveTensorBytes() as meter:
         a = torch.ones(1000)
-        view = a[:10]
+        view, wt = a[:10], weight.view(40, 100).t()
         b = torch.ones(500)
         del b
         c = torch.ones(250)
+        c.mul_(2)
     assert meter.peak == 4 * 1500 and meter.live == 4 * 1250
-    del a, view, c
+    del a, view, c, wt
 
 
 def test_an_unknown_checkpoint_policy_is_refused():

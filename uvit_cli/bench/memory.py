@@ -37,9 +37,14 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # An output that shares an input's storage (a view such as weight.t(), an in-place op) allocates nothing.
+        inputs = {id(t.untyped_storage()) for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                self._track(t.untyped_storage())
+                storage = t.untyped_storage()
+                if id(storage) not in inputs:
+                    self._track(storage)
         return out
 
     def _track(self, storage) -> None:
