@@ -22,6 +22,7 @@ from ..build import build_model
 from ..flops import example_inputs
 from ..model import CHECKPOINT_POLICIES
 from ..recipe import Recipe, replace
+from ..runtime import autocast
 
 POLICIES = ("none", *CHECKPOINT_POLICIES)   # none: no checkpointing (the reference row)
 
@@ -68,17 +69,21 @@ def _model(recipe: Recipe, policy: str, device: str):
     return model.to(device).train()
 
 
-def step_memory_and_flops(recipe: Recipe, policy: str, *, batch: int, device: str = "cpu", seed: int = 0) -> dict:
+def step_memory_and_flops(recipe: Recipe, policy: str, *, batch: int, device: str = "cpu", precision: str = "fp32",
+                          seed: int = 0) -> dict:
     """Under one checkpoint policy ("none" for no checkpointing): the bytes a training step's forward keeps for
     backward, the peak it holds beyond the weights (forward, MSE loss, backward: the gradients included), and its
-    FLOPs."""
+    FLOPs; the forward under ``precision``'s autocast (bf16 keeps about half the bytes)."""
     torch.manual_seed(seed)
     model = _model(recipe, policy, device)
     x, t, y = example_inputs(model, batch, device=device)
     target = torch.randn_like(x)
     meter = LiveTensorBytes()
     with meter:
-        loss = F.mse_loss(model(x, t, y), target)
+        with autocast(device, precision):
+            out = model(x, t, y)
+        loss = F.mse_loss(out.float(), target)
+        del out
         kept = meter.live          # what the forward keeps for backward: the activations checkpointing trades
         loss.backward()
     del model, loss
@@ -88,13 +93,14 @@ def step_memory_and_flops(recipe: Recipe, policy: str, *, batch: int, device: st
     counter = FlopCounterMode(display=False)
     with counter:
         F.mse_loss(meta(xm, tm, ym), torch.zeros_like(xm)).backward()
-    return {"policy": policy, "batch": batch, "forward_bytes": kept, "peak_bytes": meter.peak,
+    return {"policy": policy, "batch": batch, "precision": precision, "forward_bytes": kept, "peak_bytes": meter.peak,
             "flops": int(counter.get_total_flops())}
 
 
-def bench_checkpointing(recipe: Recipe, *, batch: int, device: str = "cpu", policies=POLICIES) -> list[dict]:
+def bench_checkpointing(recipe: Recipe, *, batch: int, device: str = "cpu", precision: str = "fp32",
+                        policies=POLICIES) -> list[dict]:
     """One row per policy, with its saving and its extra compute against no checkpointing."""
-    rows = [step_memory_and_flops(recipe, p, batch=batch, device=device) for p in policies]
+    rows = [step_memory_and_flops(recipe, p, batch=batch, device=device, precision=precision) for p in policies]
     ref = next((r for r in rows if r["policy"] == "none"), rows[0])
     for r in rows:
         r["forward_vs_none"] = r["forward_bytes"] / ref["forward_bytes"]

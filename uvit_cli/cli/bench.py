@@ -65,7 +65,7 @@ def bench_cmd(
       uvit bench digits_uvit_tiny --suite scaling --batches 8,32,128 --patch-sizes 1,2,4
       uvit bench imagenet256_uvit_h2 --suite sample --device cuda   (the recipe's protocol, guided DPM-Solver, SD-VAE)
       uvit bench runs/digits --suite sample --device cpu --forward-batches 4,8,16,32 --no-guided
-      uvit bench cifar10_uvit_s2 --suite checkpoint --batch 4   (each checkpoint policy: peak memory, FLOPs, time)
+      uvit bench cifar10_uvit_s2 --suite checkpoint --batch 4 --precision fp32   (per checkpoint policy: memory, FLOPs, time)
     """
     import torch
 
@@ -137,8 +137,8 @@ def bench_cmd(
                 _print_profile(r, recipe, dev)
 
     if "checkpoint" in suites:
-        result["checkpoint"] = _bench_checkpoint(recipe, memory, train, batch=batch, device=str(dev), iters=iters,
-                                                 repeats=repeats)
+        result["checkpoint"] = _bench_checkpoint(recipe, memory, train, batch=batch, device=str(dev),
+                                                 precision=precs[-1], iters=iters, repeats=repeats)
 
     if "scaling" in suites:
         rows = train.bench_scaling(recipe, batches=bs or [1, 4, batch], patch_sizes=ps, precision=precs[-1], device=str(dev),
@@ -195,21 +195,22 @@ def bench_cmd(
         console.print(f"wrote {json_out}")
 
 
-def _bench_checkpoint(recipe, memory, train, *, batch: int, device: str, iters: int, repeats: int) -> list[dict]:
-    """Every activation-checkpointing policy against none: the step's peak tensor memory and FLOPs (exact, fp32)
-    and its time on this device (the median of ``repeats``)."""
+def _bench_checkpoint(recipe, memory, train, *, batch: int, device: str, precision: str, iters: int,
+                      repeats: int) -> list[dict]:
+    """Every activation-checkpointing policy against none, in the last --precision: what the forward keeps, the
+    step's peak tensor memory and FLOPs (counted) and its time on this device (the median of ``repeats``)."""
     from ..recipe import replace
 
-    rows = memory.bench_checkpointing(recipe, batch=batch, device=device)
+    rows = memory.bench_checkpointing(recipe, batch=batch, device=device, precision=precision)
     for r in rows:
         policy = r["policy"]
         timed = train.bench_train(replace(recipe, model={"checkpoint_policy": "all" if policy == "none" else policy}),
-                                  batch=batch, grad_checkpoint=policy != "none", device=device, iters=iters,
-                                  repeats=repeats)
+                                  batch=batch, precision=precision, grad_checkpoint=policy != "none", device=device,
+                                  iters=iters, repeats=repeats)
         r.update(sec_per_step=timed["sec_per_step"], runs=timed.get("runs"), peak_mem_gb=timed.get("peak_mem_gb"))
     ref = rows[0]
     table = Table(title=f"activation checkpointing, {recipe.model.size} {recipe.model.img_size}px, batch {batch}, "
-                        f"fp32, {device}: memory and FLOPs counted, time the median of {repeats}")
+                        f"{precision}, {device}: memory and FLOPs counted, time the median of {repeats}")
     for col in ("policy", "kept by forward MiB", "vs none", "step peak MiB", "vs none", "step GFLOPs", "vs none",
                 "s/step", "vs none"):
         table.add_column(col, justify="right")
