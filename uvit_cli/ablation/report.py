@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import matplotlib
-
 from ..build import parameter_count
+from ..figures import pyplot, save_png
 from ..files import atomic_path
 from ..recipe import load_recipe
 from ..run import RUN_RECIPE, read_metrics
@@ -184,14 +183,11 @@ def ranking(suite: Suite, factor: Factor, values: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _axes(suite: Suite, title: str):
-    matplotlib.use("Agg")  # files only, never a window; set here, not at import, so importing has no side effects
-    from matplotlib import pyplot as plt  # after the backend choice, as matplotlib asks
-
-    fig, ax = plt.subplots(figsize=(5.6, 3.8), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(5.6, 3.8), dpi=120)
     ax.set_ylabel(f"{suite.metric_label} ({'lower' if suite.lower_is_better else 'higher'} is better)", fontsize=8)
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
-    return plt, fig, ax
+    return fig, ax
 
 
 def _curves(ax, factor: Factor, series: dict) -> list[float]:
@@ -212,7 +208,7 @@ def _curves(ax, factor: Factor, series: dict) -> list[float]:
     return ys
 
 
-def _finish(plt, fig, ax, suite: Suite, ys: list[float], path: Path) -> Path:
+def _finish(fig, ax, suite: Suite, ys: list[float], path: Path) -> Path:
     from matplotlib import ticker
 
     positive = ys and min(ys) > 0
@@ -228,19 +224,14 @@ def _finish(plt, fig, ax, suite: Suite, ys: list[float], path: Path) -> Path:
         ax.text(0.5, 0.5, "no evaluations yet", ha="center", va="center", transform=ax.transAxes)
     fig.text(0.99, 0.01, suite.name + (f", {suite.seeds} seeds (mean ± sd)" if suite.seeds > 1 else ""), ha="right",
              va="bottom", fontsize=6, color="gray")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def plot_factor(suite: Suite, factor: Factor, rows: list[dict], path: Path) -> Path:
     """Metric against training iterations, one line per variant (the paper's Figure 2 layout)."""
     from matplotlib import ticker
 
-    plt, fig, ax = _axes(suite, factor.title)
+    fig, ax = _axes(suite, factor.title)
     steps = sorted({r["step"] for r in rows if r["factor"] == factor.name and "sampler_steps" not in r})
     series: dict = {}
     for step in steps:
@@ -249,12 +240,12 @@ def plot_factor(suite: Suite, factor: Factor, rows: list[dict], path: Path) -> P
     ys = _curves(ax, factor, series)
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_xlabel("training iterations")
-    return _finish(plt, fig, ax, suite, ys, path)
+    return _finish(fig, ax, suite, ys, path)
 
 
 def plot_factor_nfe(suite: Suite, factor: Factor, rows: list[dict], path: Path) -> Path:
     """The final weights' metric against NFE (network evaluations per sample), one line per variant."""
-    plt, fig, ax = _axes(suite, f"{factor.title}: at {suite.steps:,} steps, by NFE")
+    fig, ax = _axes(suite, f"{factor.title}: at {suite.steps:,} steps, by NFE")
     series: dict = {}
     for (variant, nfe), st in nfe_values(rows, factor.name).items():
         series.setdefault(variant, {})[nfe] = st
@@ -265,7 +256,7 @@ def plot_factor_nfe(suite: Suite, factor: Factor, rows: list[dict], path: Path) 
         ax.set_xticks(nfes, [str(n) for n in nfes])
         ax.minorticks_off()
     ax.set_xlabel("NFE per sample")
-    return _finish(plt, fig, ax, suite, ys, path)
+    return _finish(fig, ax, suite, ys, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -188,7 +188,7 @@ def _fid(samples, ref, metrics, num_samples, batch_size, dev, mode, inception_we
     if swept is not None and not is_model:
         raise UvitError(f"--sweep samples a run directory or checkpoint once per value; {samples} holds images "
                         "already (pass a run, or score each sample set on its own)")
-    if is_model:
+    if is_model and swept is not None:   # one scoring's recipe is checked as its model loads
         _check_recipes(samples, recipe_path, overrides, weights, swept)
     results = []
     for sets in _sweep_overrides(overrides, swept):

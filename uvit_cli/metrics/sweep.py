@@ -10,9 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-from ..files import atomic_path
+from ..figures import pyplot, save_png
 
 LOWER_IS_BETTER = {"fid", "sfid", "kid", "fd_digits"}   # the others (is, precision, recall, acc_digits): higher
 
@@ -49,11 +47,8 @@ def best_values(key: str, values: list, results: list[dict]) -> dict:
 def plot_sweep(key: str, values: list, results: list[dict], path: Path, title: str = "") -> Path:
     """One panel per metric against the swept value (a numeric axis when every value is a number, else one tick
     per value in the order given); written atomically."""
-    matplotlib.use("Agg")  # files only, never a window; set here, not at import, so importing has no side effects
-    from matplotlib import pyplot as plt  # after the backend choice, as matplotlib asks
-
     names = list(results[0]["metrics"]) if results else []
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.4 * max(1, len(names)), 3.0), dpi=120, squeeze=False)
+    fig, axes = pyplot().subplots(1, max(1, len(names)), figsize=(3.4 * max(1, len(names)), 3.0), dpi=120, squeeze=False)
     xs = values if _numeric(values) else list(range(len(values)))
     for ax, name in zip(axes[0], names):
         ys = [r["metrics"].get(name, math.nan) for r in results]
@@ -64,9 +59,4 @@ def plot_sweep(key: str, values: list, results: list[dict], path: Path, title: s
         ax.grid(True, alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=8, color="gray")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
