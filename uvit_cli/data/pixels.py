@@ -28,13 +28,14 @@ class DigitsSource:
 
     def __init__(self):
         self.x, self.y = digits_tensors()
+        self._labels = self.y.tolist()   # Python ints: the stream reads one per example
 
     def __len__(self):
         return len(self.x)
 
     def get(self, i: int, flip: bool = False):
         x = self.x[i]
-        return (x.flip(-1) if flip else x), int(self.y[i])
+        return (x.flip(-1) if flip else x), self._labels[i]
 
 
 class PixelSource:

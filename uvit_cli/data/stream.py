@@ -15,16 +15,21 @@ from torch.utils.data import Dataset, Sampler
 _MIX = 0x9E3779B97F4A7C15  # 64-bit golden-ratio constant: spreads (seed, index) pairs over generator seeds
 
 
+def _seed(seed: int, index: int, salt: int = 0) -> int:
+    return (seed * _MIX + index * 2654435761 + salt * 40503 + 1) % (2 ** 63 - 1)
+
+
 def _generator(seed: int, index: int, salt: int = 0) -> torch.Generator:
     g = torch.Generator()
-    g.manual_seed((seed * _MIX + index * 2654435761 + salt * 40503 + 1) % (2 ** 63 - 1))
+    g.manual_seed(_seed(seed, index, salt))
     return g
 
 
 class TrainStream(Dataset):
     """Wraps a source (``len``, ``get(i, flip) -> (x, y)``) and returns, for stream position g, a dict with
     x0 (image in [-1, 1] or a sampled, scaled latent), y (label, text context or -1), u (uniform time draw),
-    noise (like x0) and drop (replace the condition by the null one)."""
+    noise (like x0) and drop (replace the condition by the null one). ``__getitems__`` reads a whole batch at once
+    (what the DataLoader calls) with the same draws, per position, as ``__getitem__``."""
 
     def __init__(self, source, seed: int, *, random_flip: bool = False, p_uncond: float = 0.0,
                  latent_scale: float | None = None, num_captions: int = 0):
@@ -40,27 +45,46 @@ class TrainStream(Dataset):
         n = len(self.source)
         epoch = g // n
         if epoch != self._perm_epoch:  # a fresh permutation per epoch, the same on every rank and worker
-            self._perm = torch.randperm(n, generator=_generator(self.seed, epoch, salt=1))
+            self._perm = torch.randperm(n, generator=_generator(self.seed, epoch, salt=1)).tolist()
             self._perm_epoch = epoch
-        return int(self._perm[g % n])
+        return self._perm[g % n]
 
-    def __getitem__(self, g: int) -> dict:
+    def _example(self, g: int, gen: torch.Generator):
+        """Position g's (x0, y, noise, uniforms (flip, u, drop)). Per position, in this fixed order, the generator
+        seeded by (seed, g) draws: flip, the caption (text sources), u, drop, the latent (latent sources), noise."""
         i = self._index(g)
-        gen = _generator(self.seed, g, salt=2)
-        flip = bool(torch.rand((), generator=gen) < 0.5) and self.random_flip
-        caption = int(torch.randint(self.num_captions, (), generator=gen)) if self.num_captions else None
-        u = torch.rand((), generator=gen)
-        drop = bool(torch.rand((), generator=gen) < self.p_uncond)
+        gen.manual_seed(_seed(self.seed, g, salt=2))
+        caption = None
+        if self.num_captions:
+            flip = torch.rand(1, generator=gen)
+            caption = int(torch.randint(self.num_captions, (), generator=gen))
+            uniforms = torch.cat([flip, torch.rand(2, generator=gen)])
+        else:   # the three uniforms in one call: the CPU generator fills a tensor in order, as three calls would
+            uniforms = torch.rand(3, generator=gen)
+        flip = self.random_flip and bool(uniforms[0] < 0.5)
         x, y = self.source.get(i, flip=flip) if caption is None else self.source.get(i, flip=flip, caption=caption)
         x = x.float()
         if self.latent_scale is not None:  # x holds VAE moments (mean ‖ logvar): draw z, then scale it
             mean, logvar = x.chunk(2, dim=0)
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
             x = (mean + std * torch.randn(mean.shape, generator=gen)) * self.latent_scale
-        noise = torch.randn(x.shape, generator=gen)
-        if not isinstance(y, torch.Tensor):
-            y = torch.tensor(-1 if y is None else int(y), dtype=torch.long)
-        return {"x0": x, "y": y, "u": u, "noise": noise, "drop": torch.tensor(drop)}
+        return x, y, torch.randn(x.shape, generator=gen), uniforms
+
+    def _items(self, examples) -> list[dict]:
+        xs, ys, noises, uniforms = zip(*examples)
+        uniforms = torch.stack(uniforms)
+        if not isinstance(ys[0], torch.Tensor):   # class labels (or None: unconditional) as one int64 tensor each
+            ys = torch.tensor([-1 if y is None else int(y) for y in ys], dtype=torch.long).unbind()
+        drops = (uniforms[:, 2] < self.p_uncond).unbind()
+        return [{"x0": x, "y": y, "u": u, "noise": noise, "drop": drop}
+                for x, y, u, noise, drop in zip(xs, ys, uniforms[:, 1].unbind(), noises, drops)]
+
+    def __getitem__(self, g: int) -> dict:
+        return self._items([self._example(g, torch.Generator())])[0]
+
+    def __getitems__(self, gs: list[int]) -> list[dict]:
+        gen = torch.Generator()   # one generator, reseeded per position: a fresh one per example costs as much
+        return self._items([self._example(g, gen) for g in gs])
 
 
 class StreamBatches(Sampler):
