@@ -19,7 +19,7 @@ from uvit_cli.train import train
 TINY = ["model.num_layers=3", "model.embed_dim=32", "model.num_heads=2", "train.batch_size=16", "train.log_every=1",
         "train.warmup_steps=2", "data.num_workers=0", "sample.steps=2", "train.steps=4", "train.save_every=2",
         "train.sample_every=2"]
-SCALARS = {"loss", "lr", "grad_norm", "img_per_s", "peak_mem_gb"}
+SCALARS = {"loss", "lr", "grad_norm", "img_per_s", "data_frac", "peak_mem_gb"}
 
 
 def _sets(*items):

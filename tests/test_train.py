@@ -63,7 +63,29 @@ def test_loss_falls_clearly_on_digits(tmp_path):
         assert (tmp_path / name).exists(), name
     assert load_recipe(tmp_path / "recipe.yaml") == r
     rec = read_metrics(tmp_path)[-1]
-    assert {"lr", "grad_norm", "img_per_s", "peak_mem_gb"} <= set(rec)
+    assert {"lr", "grad_norm", "img_per_s", "peak_mem_gb", "data_frac"} <= set(rec)
+
+
+def test_the_log_shows_the_share_of_time_spent_waiting_for_data(tmp_path, monkeypatch):
+    """data_frac is the share of a logged window spent fetching batches: near 1 behind a slow stream, small otherwise."""
+    from uvit_cli.data.stream import TrainStream
+
+    fast = tiny_recipe("train.steps=6", "train.log_every=3", "train.save_every=6")
+    train(fast, tmp_path / "fast", device="cpu")
+    quick = [m["data_frac"] for m in read_metrics(tmp_path / "fast") if "loss" in m]
+
+    example = TrainStream._example
+
+    def slow(self, g, gen):   # 32 samples x 10 ms: a batch takes 0.32 s, far more than the tiny model's step
+        time.sleep(0.01)
+        return example(self, g, gen)
+
+    monkeypatch.setattr(TrainStream, "_example", slow)
+    train(fast, tmp_path / "slow", device="cpu")
+    starved = [m["data_frac"] for m in read_metrics(tmp_path / "slow") if "loss" in m]
+    assert len(quick) == len(starved) == 2
+    assert all(0.75 < f <= 1 for f in starved), starved
+    assert all(0 <= f < 0.5 for f in quick), quick
 
 
 def test_resume_after_kill_is_bit_exact(tmp_path):

@@ -236,12 +236,14 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
         model.train()
         window_loss = torch.zeros((), device=dev)
         nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
-        window_steps, window_start, info = 0, time.perf_counter(), {}
+        window_steps, window_start, window_data, info = 0, time.perf_counter(), 0.0, {}
         with graceful_stop() as stop:
             for step in range(start, t.steps):
                 # Accumulate gradients.
                 for a in range(t.grad_accum):
+                    fetch = time.perf_counter()
                     batch = next(it)
+                    window_data += time.perf_counter() - fetch
                     x0, noise = (batch[k].to(dev, non_blocking=True) for k in ("x0", "noise"))
                     u = batch["u"]  # the time draws stay on the CPU: the schedule's float64 math runs there
                     y = batch["y"].to(dev, non_blocking=True) if model.num_classes or model.text_dim else None
@@ -270,13 +272,16 @@ def train(recipe: Recipe, run_dir: Path, *, device: str = "auto", resume: bool =
                     elapsed = time.perf_counter() - window_start
                     info = {"step": done, "loss": float(dist.all_reduce_mean(window_loss) / window_steps), "lr": lr,
                             "grad_norm": float(grad_norm), "img_per_s": window_steps * t.batch_size / elapsed,
+                            # the share of the window spent waiting for batches: the data stream's cost (on a CPU) or
+                            # a loader that cannot keep up (on a GPU, where the step itself runs asynchronously)
+                            "data_frac": window_data / elapsed,
                             "peak_mem_gb": _peak_memory_gb(dev), "time": time.time()}
                     if t.precision == "fp16":
                         info["loss_scale"] = scaler.get_scale()
                     if main:
                         trackers.log(info)
                     window_loss.zero_()
-                    window_steps, window_start = 0, time.perf_counter()
+                    window_steps, window_start, window_data = 0, time.perf_counter(), 0.0
 
                 # Save a checkpoint; draw a sample grid; run the monitor evaluation.
                 if done % t.save_every == 0 or done == t.steps:

@@ -81,8 +81,8 @@ def train_cmd(
         task = bar.add_task("train", total=recipe.train.steps, stats="")
 
         def progress(step, total, info):
-            stats = (f"loss {info['loss']:.4f} · {info['img_per_s']:.0f} img/s · lr {info['lr']:.2e}"
-                     if info else "")
+            stats = (f"loss {info['loss']:.4f} · {info['img_per_s']:.0f} img/s · data {info['data_frac']:.0%} · "
+                     f"lr {info['lr']:.2e}" if info else "")
             bar.update(task, completed=step, stats=stats)
 
         try:
