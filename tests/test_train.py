@@ -76,8 +76,8 @@ def test_the_log_shows_the_share_of_time_spent_waiting_for_data(tmp_path, monkey
 
     example = TrainStream._example
 
-    def slow(self, g, gen):   # 32 samples x 10 ms: a batch takes 0.32 s, far more than the tiny model's step
-        time.sleep(0.01)
+    def slow(self, g, gen):   # 32 samples x 20 ms: a batch takes 0.64 s, far more than the tiny model's step
+        time.sleep(0.02)
         return example(self, g, gen)
 
     monkeypatch.setattr(TrainStream, "_example", slow)
