@@ -56,9 +56,9 @@ class TrainStream(Dataset):
         gen.manual_seed(_seed(self.seed, g, salt=2))
         caption = None
         if self.num_captions:
-            flip = torch.rand(1, generator=gen)
+            first = torch.rand(1, generator=gen)   # flip's uniform comes before the caption draw
             caption = int(torch.randint(self.num_captions, (), generator=gen))
-            uniforms = torch.cat([flip, torch.rand(2, generator=gen)])
+            uniforms = torch.cat([first, torch.rand(2, generator=gen)])
         else:   # the three uniforms in one call: the CPU generator fills a tensor in order, as three calls would
             uniforms = torch.rand(3, generator=gen)
         flip = self.random_flip and bool(uniforms[0] < 0.5)
