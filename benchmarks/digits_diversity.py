@@ -1,7 +1,10 @@
 """Within-class diversity of digit samples kept by `uvit fid RUN` (RUN/eval/*.npz: uint8 arr_0, asked class arr_1).
 
-For each class: the mean pairwise distance of the digits classifier's features between samples asked for that class,
-over the same for the real digits of that class (1.0 = as spread as the data); printed as the mean over classes.
+In the digits classifier's 64-d feature space, per asked class, against the real digits of that class:
+- spread: the mean pairwise distance between samples over the same for the real digits (1.0 = as spread as the data);
+- precision / recall (Kynkaanniemi et al. 2019, k = 3): the share of samples inside the real digits' manifold
+  (fidelity), and of real digits inside the samples' manifold (coverage, the diversity that matters).
+Each is printed as the mean over classes, with the share of samples classified as the asked digit.
 Usage: python benchmarks/digits_diversity.py runs/digits/eval/*.npz
 """
 import sys
@@ -11,6 +14,7 @@ import torch
 
 from uvit_cli.data.digits import load_digits_uint8
 from uvit_cli.metrics.digits import digits_outputs, load_classifier
+from uvit_cli.metrics.precision_recall import precision_recall
 
 
 def spread(features: np.ndarray) -> float:
@@ -28,10 +32,13 @@ def main(paths: list[str]) -> None:
     for path in paths:
         with np.load(path) as z:
             x, y = z["arr_0"], z["arr_1"]
-        feats, _ = digits_outputs(model, x)
-        rel = [spread(feats[y == c]) / ref[c] for c in range(10) if (y == c).sum() > 1]
-        print(f"{path}: within-class spread / real = {np.mean(rel):.3f} "
-              f"(per class {' '.join(f'{r:.2f}' for r in rel)})")
+        feats, pred = digits_outputs(model, x)
+        classes = [c for c in range(10) if (y == c).sum() > 3]  # k = 3 neighbours need 4 samples
+        rel = [spread(feats[y == c]) / ref[c] for c in classes]
+        pr = np.array([precision_recall(real[labels == c], feats[y == c]) for c in classes])
+        print(f"{path}: asked digit {np.mean(pred == y):.3f}, within-class spread / real = {np.mean(rel):.3f}, "
+              f"precision {pr[:, 0].mean():.3f}, recall {pr[:, 1].mean():.3f} "
+              f"(spread per class {' '.join(f'{r:.2f}' for r in rel)})")
 
 
 if __name__ == "__main__":
